@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Expected problems with input (a missing folder, a bad CSV, a broken image) raise
+`PcamLensError` with a message that names the file and says how to fix it. The CLIs catch it,
+print the message without a traceback and exit non-zero; the viewer shows it with `st.error`.
+"""
+from __future__ import annotations
+
+
+class PcamLensError(Exception):
+    """An expected, explainable failure caused by input the user can fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: object | None = None, fix: str | None = None):
+        self.path = None if path is None else str(path)
+        self.fix = fix
+        parts = [message]
+        if self.path and self.path not in message:
+            parts.append(f"(file: {self.path})")
+        if fix:
+            parts.append(f"Fix: {fix}")
+        super().__init__(" ".join(parts))
+
+
+class DataError(PcamLensError):
+    """Bad data: folders, CSVs, images, HDF5 files."""
+
+
+class RunError(PcamLensError):
+    """A run directory that is missing, incomplete, corrupted or from an incompatible version."""
+
+
+class WeightsError(PcamLensError):
+    """Pretrained weights that cannot be obtained."""

