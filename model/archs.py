@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121", "densenet169")
-DEFAULT_ARCH = "resnet18"
+DEFAULT_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install with pip: works offline
 
 
 @dataclass

@@ -107,7 +107,7 @@ class RunRecorder(Callback):
     def after_batch(self):
         if self.training:
             self._lrs.append(float(self.opt.hypers[-1]["lr"]))
-            self._train_losses.append(float(self.loss))
+            self._train_losses.append(float(self.loss.detach()))
         else:
             self._probs.append(F.softmax(self.pred.float(), dim=1)[:, 1].detach().cpu())
 

