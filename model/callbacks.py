@@ -181,13 +181,18 @@ def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
     write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_resume_checkpoint(learn, path: Path) -> dict:
-    """Restore weights and optimizer state saved by `save_resume_checkpoint`; return state."""
+def load_resume_checkpoint(learn, path: Path, with_opt: bool = True) -> dict:
+    """Restore weights (and optimizer state) saved by `save_resume_checkpoint`; return the
+    training state (epochs done, best AUC, history)."""
     from model.run import read_safetensors
 
     tensors, meta = read_safetensors(path)  # values were JSON-encoded strings
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
     learn.model.load_state_dict(model_sd)
+    state = meta["progress"]
+    state["history"] = meta["history"]
+    if not with_opt:
+        return state
     n = int(meta["n_opt_params"])
     scalars = meta["opt_scalars"]
     opt_state = [dict(scalars.get(str(j), {})) for j in range(n)]
@@ -206,6 +211,4 @@ def load_resume_checkpoint(learn, path: Path) -> dict:
     opt_state = [{k: v.to(p.device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                  for p, s in zip(params, opt_state)]
     learn.opt.load_state_dict({"state": opt_state, "hypers": learn.opt.hypers})
-    state = meta["progress"]
-    state["history"] = meta["history"]
     return state

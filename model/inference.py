@@ -148,6 +148,34 @@ def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: to
     return acc / views if views > 1 else acc
 
 
+def _clean_worker_error(e: PcamLensError) -> PcamLensError:
+    """A PcamLensError raised in a DataLoader worker comes back as the same type whose message
+    is "Caught DataError in DataLoader worker process 0. Original Traceback ...": keep only the
+    original message, so that CLIs print one line and no traceback."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    name = type(e).__name__
+    for prefix in (f"{type(e).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    err = type(e).__new__(type(e))
+    Exception.__init__(err, last)
+    err.path, err.fix = None, None
+    return err
+
+
+def _guarded(batches: Iterable) -> Iterator:
+    try:
+        yield from batches
+    except PcamLensError as e:
+        clean = _clean_worker_error(e)
+        if clean is e:
+            raise
+        raise clean from None
+
+
 def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: int,
          progress: Progress, precision: str, device, desc: str) -> np.ndarray:
     views = check_tta(tta)
@@ -158,7 +186,7 @@ def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: in
     bar = _Progress(progress, n, desc)
     try:
         with torch.inference_mode():
-            for start, x in batches:
+            for start, x in _guarded(batches):
                 p = _probs_of_batch(model, x, loaded, views, device, amp)
                 out[start:start + len(p)] = p.double().cpu().numpy()
                 bar.update(len(p))

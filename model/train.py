@@ -363,7 +363,10 @@ def run_lr_find(learn, run_dir: Path, log) -> float:
     return float(res.valley)
 
 
-def fit_phases(learn, cfg: dict, p: Prepared, batch_tfm, sampler, state: dict, log) -> None:
+def fit_phases(learn, cfg: dict, p: Prepared, batch_tfm, sampler, state: dict, log,
+               resume_from: Path | None = None) -> None:
+    """Run the frozen then the unfrozen one-cycle phase, skipping what `state` says is done.
+    `resume_from`: the checkpoint to restore once the resumed phase's freeze state is set."""
     from model.callbacks import RunRecorder, save_resume_checkpoint
 
     t = cfg["train"]
@@ -389,6 +392,13 @@ def fit_phases(learn, cfg: dict, p: Prepared, batch_tfm, sampler, state: dict, l
             learn.unfreeze()
             # discriminative learning rates: early layers learn 100x slower than the head
             lr_max = slice(lr / 100, lr / 2)
+        if resume_from is not None:
+            # after freeze/unfreeze: fastai's freeze_to() clears the optimizer state
+            from model.callbacks import load_resume_checkpoint
+
+            # a phase that starts afresh starts with a cleared optimizer, as uninterrupted
+            load_resume_checkpoint(learn, resume_from, with_opt=done_in_phase > 0)
+            resume_from = None
         rec = RunRecorder(p.run_dir, phase, offset, done_in_phase, state, batch_tfm, sampler,
                           valid_ids, p.valid_labels, save_resume)
         log(f"Phase {phase}: {n_epochs} epochs" +
@@ -439,9 +449,10 @@ def train(args, log=print) -> Path:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    resume_from = None
     if args.resume:
-        from model.callbacks import load_resume_checkpoint
         from model.archs import splitter_for
+        from model.callbacks import load_resume_checkpoint
         from model.run import model_from_config
 
         p = prepare_resume(args.resume)
@@ -449,7 +460,8 @@ def train(args, log=print) -> Path:
         model = model_from_config(cfg)
         learn, batch_tfm, sampler = make_learner(cfg, model, splitter_for(cfg["model"]["arch"]),
                                                  p)
-        state = load_resume_checkpoint(learn, p.run_dir / "resume.safetensors")
+        resume_from = p.run_dir / "resume.safetensors"
+        state = load_resume_checkpoint(learn, resume_from)  # validates it; reloaded per phase
         log(f"Resuming {p.run_dir} after epoch {state['epochs_done']} of "
             f"{state['epochs_total']}")
     else:
@@ -473,7 +485,7 @@ def train(args, log=print) -> Path:
 
                 write_json(p.run_dir / "config.json", cfg)
     log(f"Run directory: {p.run_dir}")
-    fit_phases(learn, cfg, p, batch_tfm, sampler, state, log)
+    fit_phases(learn, cfg, p, batch_tfm, sampler, state, log, resume_from)
     metrics = finish(learn, cfg, p, state, log, args.export_pkl)
     shutil_rmtree(p.run_dir / ".tmp")
     tag = " [SYNTHETIC data]" if metrics.get("synthetic") else ""

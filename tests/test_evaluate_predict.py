@@ -281,3 +281,22 @@ def test_predict_cli_errors(tmp_path, capsys):
     assert err.startswith("error:") and "Traceback" not in err
     assert predict.main(["--data", SYNTH_TEST]) == 2
     assert "RUN_DIR" in capsys.readouterr().err
+
+
+def test_predict_broken_image_is_one_clean_error(tiny_run, tmp_path, capsys):
+    """A broken file decoded in a loader worker process still gives one 'error:' line."""
+    from PIL import Image
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(
+            folder / f"p{k}.png")
+    (folder / "p4.png").write_bytes(b"not a png")
+    rc = predict.main([str(tiny_run), "--data", str(folder), "--out", str(tmp_path / "s.csv"),
+                       "--batch-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "p4.png" in err
+    assert "Traceback" not in err and "Caught" not in err and err.count("\n") == 1
+    assert not (tmp_path / "s.csv").exists()

@@ -88,31 +88,32 @@ def test_gradcam_leaves_shared_model_untouched(tiny_loaded, patches):
 
 
 class BoxOnly(nn.Module):
-    """Zero every input pixel outside the network-input box that shows patch box (x0, y0, x1,
-    y1) under `cfg` (centre crop, then resize)."""
+    """Zero everything outside the part of its input that shows patch box (x0, y0, x1, y1)
+    under `cfg` (centre crop, then resize), at whatever resolution the input has."""
 
     def __init__(self, box: tuple[int, int, int, int], cfg: InputConfig):
         super().__init__()
-        o = (cfg.patch - cfg.crop) // 2
-        s = cfg.size / cfg.crop
-        x0, y0, x1, y1 = [round((v - o) * s) for v in box]
-        mask = torch.zeros(1, 1, cfg.size, cfg.size)
-        mask[..., y0:y1, x0:x1] = 1
-        self.register_buffer("mask", mask)
+        self.box, self.cfg = box, cfg
 
     def forward(self, x):
-        return x * self.mask
+        side = x.shape[-1]
+        o = (self.cfg.patch - self.cfg.crop) // 2
+        x0, y0, x1, y1 = [round((v - o) * side / self.cfg.crop) for v in self.box]
+        mask = torch.zeros(1, 1, side, side, dtype=x.dtype, device=x.device)
+        mask[..., max(y0, 0):y1, max(x0, 0):x1] = 1
+        return x * mask
 
 
 def box_model(box, cfg: InputConfig) -> LoadedRun:
-    """nn.Sequential(body, head) whose logits depend only on the pixels of `box`: the body
-    masks, then bias-free convolutions + ReLU (so zero input stays zero); the head averages
+    """nn.Sequential(body, head) whose logits depend only on the pixels of `box`, and whose
+    activations are zero outside it: every body stage ends by masking. Stage "0.1" is at the
+    input resolution, stage "0.2" at half of it (so its map is upsampled). The head averages
     and gives class 1 positive weights."""
     torch.manual_seed(0)
     body = nn.Sequential(
         BoxOnly(box, cfg),
-        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU()),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), BoxOnly(box, cfg)),
+        nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), BoxOnly(box, cfg)),
     )
     lin = nn.Linear(8, 2)
     with torch.no_grad():
@@ -128,13 +129,14 @@ def box_model(box, cfg: InputConfig) -> LoadedRun:
                      checkpoint_mtime=0.0)
 
 
+@pytest.mark.parametrize("layer", ["0.1", "0.2"])
 @pytest.mark.parametrize("cfg", [InputConfig(), InputConfig(crop=64, size=128),
                                  InputConfig(crop=48, size=48)],
                          ids=["96-96", "crop64-size128", "crop48"])
 @pytest.mark.parametrize("box", [centre_box(96), (36, 40, 52, 60)], ids=["centre", "offset"])
-def test_gradcam_mass_inside_the_box_the_model_looks_at(patches, cfg, box):
+def test_gradcam_mass_inside_the_box_the_model_looks_at(patches, cfg, box, layer):
     loaded = box_model(box, cfg)
-    heat = gradcam(loaded, patches, layer="0.2", target=1)
+    heat = gradcam(loaded, patches, layer=layer, target=1)
     x0, y0, x1, y1 = box
     inside = heat[:, y0:y1, x0:x1].sum(axis=(1, 2))
     total = heat.sum(axis=(1, 2))
@@ -142,6 +144,17 @@ def test_gradcam_mass_inside_the_box_the_model_looks_at(patches, cfg, box):
     assert (inside / total > 0.8).all(), inside / total
     assert _no_hooks(loaded.model)
     assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_gradcam_default_target_is_predicted_class(patches):
+    loaded = box_model(centre_box(96), InputConfig())
+    x = torch.from_numpy(patches)
+    from model.presets import prepare
+
+    with torch.no_grad():
+        pred = loaded.model(prepare(x, loaded.input)).argmax(1).numpy()
+    np.testing.assert_allclose(gradcam(loaded, patches, layer="0.1"),
+                               gradcam(loaded, patches, layer="0.1", target=pred), atol=1e-6)
 
 
 def test_gradcam_outside_centre_crop_is_zero(patches):

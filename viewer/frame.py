@@ -15,6 +15,7 @@ from viewer import state
 def run_page(render, title: str) -> None:
     """Header + banners, then `render(ctx)`; a PcamLensError becomes st.error(message)."""
     st.title(title)
+    ui.crisp_css()
     c = state.ctx()
     if c.source is not None:
         if c.synthetic:
@@ -97,6 +98,7 @@ def patch_rows_grid(preds: state.Predictions, rows, key: str, n_cols: int = 6,
                    "from here). Choose the run's data source in the sidebar.")
         st.dataframe(rows[["id", "label", "prob", "loss"]], hide_index=True)
         return None
-    imgs = [ui.patch_image(x, lab, size) for x, lab in zip(pix, rows["label"])]
+    imgs = [ui.patch_image(x, lab, 96) for x, lab in zip(pix, rows["label"])]
     caps = [ui.caption(r.id, r.label, r.prob) for r in rows.itertuples()]
-    return ui.grid(imgs, caps, n_cols, buttons=list(rows["id"]) if buttons else None, key=key)
+    return ui.grid(imgs, caps, n_cols, buttons=list(rows["id"]) if buttons else None, key=key,
+                   width=size)

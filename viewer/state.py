@@ -256,21 +256,31 @@ def ctx() -> Context:
 @dataclass
 class Predictions:
     """Predictions of one run over some patches: df has id, label, prob, loss, pred, correct
-    and `idx` (the row in `source`, where the patch pixels are read)."""
+    and `idx` (the row in `source`, where the patch pixels are read; -1 when absent).
+    `token` identifies them for caches."""
 
     df: pd.DataFrame
     origin: str
     source: object
     whole_source: bool
-
-
-def _store() -> dict:
-    return _prediction_store()
+    token: tuple = ()
 
 
 @st.cache_resource(show_spinner=False)
-def _prediction_store() -> dict:
+def _memo_store() -> dict:
     return {}
+
+
+def _memo(key: tuple, make, keep: int = 8):
+    """Process-wide memo of shared read-only objects (big frames are not copied per rerun,
+    unlike st.cache_data)."""
+    store = _memo_store()
+    if key not in store:
+        value = make()
+        while len(store) >= keep:
+            store.pop(next(iter(store)))
+        store[key] = value
+    return store[key]
 
 
 def _finish(df: pd.DataFrame, source, threshold: float = 0.5) -> pd.DataFrame:
@@ -278,16 +288,18 @@ def _finish(df: pd.DataFrame, source, threshold: float = 0.5) -> pd.DataFrame:
 
     df = df.copy()
     df["id"] = df["id"].astype(str)
-    lab = pd.to_numeric(df.get("label"), errors="coerce") if "label" in df else None
+    lab = pd.to_numeric(df["label"], errors="coerce") if "label" in df else None
     if lab is None or lab.isna().any():
         df["label"] = lab if lab is not None else np.nan
         df["loss"] = np.nan
-    elif "loss" not in df:
-        df["loss"] = per_patch_losses(lab.to_numpy(), df["prob"].to_numpy())
+    else:
+        df["label"] = lab.astype(int)
+        if "loss" not in df:
+            df["loss"] = per_patch_losses(lab.to_numpy(), df["prob"].to_numpy())
     df["pred"] = (df["prob"] >= threshold).astype(int)
     df["correct"] = np.where(df["label"].isna(), np.nan, df["pred"] == df["label"])
-    pos = {pid: i for i, pid in enumerate(source.ids)} if source is not None else {}
-    df["idx"] = [pos.get(pid, -1) for pid in df["id"]]
+    df["idx"] = (pd.Index(source.ids).get_indexer(df["id"]) if source is not None
+                 else np.full(len(df), -1))
     return df
 
 
@@ -320,26 +332,61 @@ def validation_predictions(c: Context) -> Predictions | None:
         return None
     cfg = read_config(c.run_dir)
     source = c.source if c.source is not None and same_data(cfg, c.source) else None
-    where = "the chosen source"
+    where, sk = "the chosen source", c.src_key
     if source is None:
+        desc = json.dumps(cfg.get("data", {}), sort_keys=True)
+        sk = ("run-data", desc)
         try:
-            source = _run_source(json.dumps(cfg.get("data", {}), sort_keys=True))
+            source = _run_source(desc)
             where = "the run's data (re-opened)"
         except PcamLensError:
             source, where = None, "nowhere (the run's data cannot be opened)"
-    origin = f"validation split of run {c.run_name} ({len(df)} patches; pixels from {where})"
-    return Predictions(_finish(df, source), origin, source, False)
+    token = ("valid", c.run_dir and str(c.run_dir), c.run_key, sk, len(df), float(df["prob"].sum()))
+    origin = f"validation split of run {c.run_name} ({len(df):,} patches; pixels from {where})"
+    return Predictions(_memo(token, lambda: _finish(df, source)), origin, source, False, token)
 
 
-def source_predictions(c: Context, tta: int = 1) -> Predictions | None:
-    """Whole-source predictions of the run, if they were computed in this process."""
+def source_predictions(c: Context) -> Predictions | None:
+    """Whole-source predictions of the run: computed in this process, or evaluated earlier
+    (model.evaluate files in <run>/eval/<data name>/, also those made with the CLI)."""
     if c.run_key is None or c.src_key is None:
         return None
-    df = _store().get((c.run_key, c.src_key, tta))
-    if df is None:
+    key = (c.run_key, c.src_key, 1)
+    df = _store().get(key)
+    if df is not None:
+        return Predictions(df, f"all {len(df):,} patches of {c.source.describe_short()} "
+                               f"(run {c.run_name})", c.source, True, ("source",) + key)
+    return evaluated_predictions(c)
+
+
+def _eval_dir(c: Context) -> Path | None:
+    ev = api()["evaluate"]
+    if ev is None or c.source is None or not c.source.labelled or c.src_key[1] != "train":
         return None
-    return Predictions(df, f"all {len(df):,} patches of {c.source.describe_short()} "
-                           f"(run {c.run_name}, TTA {tta})", c.source, True)
+    return ev.default_out_dir(c.run_dir, c.src_key[0])
+
+
+def evaluated_predictions(c: Context) -> Predictions | None:
+    d = _eval_dir(c)
+    m = run_metrics(d) if d is not None else None
+    if not m or m.get("checkpoint_mtime") != c.run_key[2] or m.get("tta", 1) != 1:
+        return None
+    mine, theirs = c.source.describe(), m.get("data") or {}
+    if any(mine.get(k) != theirs.get(k) for k in ("kind", "path", "n", "seed")):
+        return None
+    df = run_csv(d, "predictions.csv")
+    if df is None or not {"id", "label", "prob"} <= set(df.columns):
+        return None
+    token = ("eval", str(d), (d / "predictions.csv").stat().st_mtime, c.src_key)
+    return Predictions(_memo(token, lambda: _finish(df, c.source)),
+                       f"all {len(df):,} patches of {c.source.describe_short()}, evaluated "
+                       f"with run {c.run_name} (files in {d})", c.source, True, token)
+
+
+@st.cache_resource(show_spinner=False)
+def _store() -> dict:
+    """Whole-source predictions computed in this process: (run_key, src_key, tta) -> df."""
+    return {}
 
 
 def predict_source(rk: tuple, sk: tuple, tta: int = 1, progress=None) -> pd.DataFrame:
@@ -359,25 +406,31 @@ def predict_source(rk: tuple, sk: tuple, tta: int = 1, progress=None) -> pd.Data
     return store[(rk, sk, tta)]
 
 
-def compute_source_predictions(c: Context, tta: int = 1, progress=None) -> Predictions:
-    predict_source(c.run_key, c.src_key, tta, progress)
-    return source_predictions(c, tta)
+def compute_source_predictions(c: Context, progress=None) -> Predictions:
+    """Predict the whole sidebar source. Labelled data goes through model.evaluate, so the
+    predictions and metrics are also written to <run>/eval/<data name>/ and reused after a
+    restart; unlabelled data is predicted in memory."""
+    d = _eval_dir(c)
+    if d is not None:
+        api()["evaluate"].evaluate_run(c.run_dir, data=c.src_key[0], checkpoint=c.run_key[1],
+                                       progress=progress or False)
+        p = evaluated_predictions(c)
+        if p is not None:
+            return p
+    predict_source(c.run_key, c.src_key, 1, progress)
+    return source_predictions(c)
 
 
 def best_predictions(c: Context) -> Predictions | None:
     """Whole-source predictions when computed, else the run's validation predictions."""
     if c.run_dir is None or c.run_key is None:
         return None
-    for tta in (1, 2, 4, 8):
-        p = source_predictions(c, tta)
-        if p is not None:
-            return p
-    return validation_predictions(c)
+    return source_predictions(c) or validation_predictions(c)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def page_probs(rk: tuple, sk: tuple, indices: tuple) -> np.ndarray:
-    """Predictions for just the patches on screen (cheap; used when nothing else exists)."""
+    """Predictions for just the patches on screen (cached per run, checkpoint time, source)."""
     src = open_source_cached(sk)
     return predict_arrays(rk, src.read_batch(list(indices)))
 
@@ -389,19 +442,24 @@ def predict_arrays(rk: tuple, x: np.ndarray, tta: int = 1) -> np.ndarray:
 
 def patch_table(c: Context) -> tuple[pd.DataFrame, Predictions | None]:
     """One row per patch of the sidebar source (index = row in the source): id, label, and
-    prob/loss/pred/correct where predictions exist."""
-    src = c.source
-    t = pd.DataFrame({"id": list(src.ids)})
-    t["label"] = src.labels if src.labels is not None else np.nan
+    prob/loss/pred/correct where predictions exist. Shared, read-only: filter, don't modify."""
     preds = best_predictions(c)
-    if preds is not None and (preds.whole_source or preds.source is src):
-        p = preds.df[preds.df["idx"] >= 0].set_index("idx")
-        for col in ("prob", "loss", "pred", "correct"):
-            t[col] = p[col].reindex(t.index)
-    else:
-        for col in ("prob", "loss", "pred", "correct"):
-            t[col] = np.nan
-    return t, preds
+    usable = preds is not None and (preds.whole_source or preds.source is c.source)
+    src = c.source
+
+    def make() -> pd.DataFrame:
+        t = pd.DataFrame({"id": src.ids})
+        t["label"] = src.labels if src.labels is not None else np.nan
+        if usable:
+            p = preds.df[preds.df["idx"] >= 0].set_index("idx")
+            for col in ("prob", "loss", "pred", "correct"):
+                t[col] = p[col].reindex(t.index)
+        else:
+            for col in ("prob", "loss", "pred", "correct"):
+                t[col] = np.nan
+        return t
+
+    return _memo(("table", c.src_key, preds.token if usable else None), make), preds
 
 
 # --------------------------------------------------------------------------- review log
@@ -442,6 +500,15 @@ def run_inspect(sk: tuple, max_items: int | None) -> dict:
 def gradcam_layer_names(rk: tuple) -> list[str]:
     with MODEL_LOCK:
         return list(api()["gradcam"].gradcam_layers(loaded(rk)))
+
+
+@st.cache_data(max_entries=64, show_spinner="Computing Grad-CAM...")
+def gradcam_heats(rk: tuple, sk: tuple, patch_ids: tuple, layer: str, target: int | None
+                  ) -> np.ndarray:
+    """Heat maps [n,96,96] of a gallery of patches, computed in one batch."""
+    src = open_source_cached(sk)
+    x = src.read_batch([src.index_of(pid) for pid in patch_ids])
+    return gradcam_arrays(rk, x, layer, target)
 
 
 @st.cache_data(max_entries=512, show_spinner=False)

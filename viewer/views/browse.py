@@ -34,8 +34,22 @@ def _filters(c, t: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         out = b.selectbox("Outliers", ["all", "near-black", "near-white", "any outlier"],
                           key="b_out")
         sort = d.selectbox("Sort by", list(SORTS), key="b_sort",
-                           index=0 if has_pred else 3)
+                           index=0 if has_pred else 4)
         size = e.selectbox("Per page", [24, 48, 96], index=1, key="b_size")
+    log = state.review_log(c.source) if rev != "all" else None
+    rep = _outlier_report(c) if out != "all" else None
+    key = (tuple(lab), tuple(pred), corr, lo, hi, rev, out, sort,
+           log.stats()["n_decisions"] if log else None, rep is not None)
+    memo = state._memo(("browse-filter", c.src_key), dict)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not t:  # filter + sort 220k rows once, not on every rerun
+        if len(memo) > 8:
+            memo.clear()
+        memo[key] = hit = (t, _apply(t, lab, pred, corr, lo, hi, rev, log, out, rep, sort))
+    return hit[1], size
+
+
+def _apply(t, lab, pred, corr, lo, hi, rev, log, out, rep, sort) -> pd.DataFrame:
     m = np.ones(len(t), bool)
     if lab:
         keep = [LABELS.get(v, -1) for v in lab]
@@ -49,59 +63,54 @@ def _filters(c, t: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         m &= (t["correct"] == (corr == "correct")).to_numpy() & t["correct"].notna().to_numpy()
     if (lo, hi) != (0.0, 1.0):
         m &= t["prob"].between(lo, hi).to_numpy()
-    if rev != "all":
-        log = state.review_log(c.source)
-        if rev in ("not reviewed", "reviewed"):
-            ids = log.reviewed_ids()
-            inn = t["id"].isin(ids).to_numpy()
-            m &= inn if rev == "reviewed" else ~inn
-        else:
-            latest = log.latest()
-            act = "flag" if rev == "flagged" else "relabel"
-            m &= t["id"].isin(set(latest.loc[latest["action"] == act, "patch_id"])).to_numpy()
-    if out != "all":
-        m &= _outlier_mask(c, t, out)
+    if rev in ("not reviewed", "reviewed"):
+        inn = t["id"].isin(log.reviewed_ids()).to_numpy()
+        m &= inn if rev == "reviewed" else ~inn
+    elif rev != "all":
+        latest = log.latest()
+        act = "flag" if rev == "flagged" else "relabel"
+        m &= t["id"].isin(set(latest.loc[latest["action"] == act, "patch_id"])).to_numpy()
+    if rep is not None:
+        keys = {"near-black": ["near_black"], "near-white": ["near_white"],
+                "any outlier": ["near_black", "near_white"]}[out]
+        o = np.zeros(len(t), bool)
+        o[[f["index"] for k in keys for f in rep[k]]] = True
+        m &= o
     key, asc = SORTS[sort]
     r = t[m]
     if key is not None:
         r = r.sort_values([key, "id"] if key != "id" else "id", ascending=asc, kind="mergesort",
                           na_position="last")
-    return r, size
+    return r
 
 
-def _outlier_mask(c, t, which: str) -> np.ndarray:
+def _outlier_report(c) -> dict | None:
     rep = state.inspect_report(c.src_key)
     if rep is None:
-        st.info("Outliers come from the dataset checks, which decode every patch.")
-        if st.button("Run the dataset checks now", key="b_scan"):
-            n = len(c.source)
-            with st.spinner(f"Checking {'a sample of 3,000' if n > 3000 else n} patches..."):
-                rep = state.run_inspect(c.src_key, 3000 if n > 3000 else None)
-        else:
-            return np.ones(len(t), bool)
-    keys = {"near-black": ["near_black"], "near-white": ["near_white"],
-            "any outlier": ["near_black", "near_white"]}[which]
-    idx = [f["index"] for k in keys for f in rep[k]]
+        st.info("The outlier filter needs the dataset checks, which decode every patch.")
+        if not st.button("Run the dataset checks now", key="b_scan"):
+            return None
+        n = len(c.source)
+        with st.spinner(f"Checking {'a sample of 3,000' if n > 3000 else n} patches..."):
+            rep = state.run_inspect(c.src_key, 3000 if n > 3000 else None)
     if rep.get("sampled"):
         st.caption(f"Outliers found in a sample of {rep['n_inspected']:,} patches.")
-    m = np.zeros(len(t), bool)
-    m[idx] = True
-    return m
+    return rep
+
+
+def _turn(step: int) -> None:
+    st.session_state["b_page"] = st.session_state.get("b_page", 1) + step
 
 
 def _page_nav(n: int, size: int) -> int:
     pages = max(1, math.ceil(n / size))
     ss = st.session_state
     ss["b_page"] = min(max(1, ss.get("b_page", 1)), pages)
-    a, b, d, e = st.columns([1, 1, 2, 6], vertical_alignment="bottom")
-    if a.button("Previous", key="b_prev", icon=":material/chevron_left:",
-                disabled=ss["b_page"] <= 1, shortcut="Left"):
-        ss["b_page"] -= 1
-        st.rerun()
-    if b.button("Next", key="b_next", icon=":material/chevron_right:",
-                disabled=ss["b_page"] >= pages, shortcut="Right"):
-        ss["b_page"] += 1
-        st.rerun()
+    a, b, d, e = st.columns([1.6, 1.6, 2, 5], vertical_alignment="bottom")
+    a.button("Previous", key="b_prev", icon=":material/chevron_left:", on_click=_turn,
+             args=(-1,), disabled=ss["b_page"] <= 1, shortcut="Left")
+    b.button("Next", key="b_next", icon=":material/chevron_right:", on_click=_turn, args=(1,),
+             disabled=ss["b_page"] >= pages, shortcut="Right")
     d.number_input(f"Page (of {pages:,})", 1, pages, key="b_page")
     e.caption(f"{n:,} patches match")
     return ss["b_page"]
@@ -131,10 +140,9 @@ def render(c) -> None:
     if live and c.run_key is not None and np.isnan(probs).any():
         fresh = state.page_probs(c.run_key, c.src_key, tuple(int(i) for i in idx))
         probs = np.where(np.isnan(probs), fresh, probs)
-    imgs = [ui.patch_image(x, lab, zoom, box) for x, lab in zip(pix, part["label"])]
+    imgs = [ui.patch_image(x, lab, 96, box) for x, lab in zip(pix, part["label"])]
     caps = [ui.caption(pid, lab, p) for pid, lab, p in zip(part["id"], part["label"], probs)]
-    n_cols = max(2, min(12, 1152 // (zoom + 16)))
-    clicked = ui.grid(imgs, caps, n_cols, buttons=list(part["id"]), key="b_grid")
+    clicked = ui.grid(imgs, caps, buttons=list(part["id"]), key="b_grid", width=zoom)
     if clicked:
         detail(c, clicked)
 

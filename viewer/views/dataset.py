@@ -55,6 +55,7 @@ def _balance(src) -> None:
     fig = px.bar(d, x="class", y="patches", text=d["share"].map("{:.1%}".format),
                  color="class", color_discrete_map={"tumour": "#e62828",
                                                     "no tumour": "#1ebe46"})
+    fig.update_layout(showlegend=False)
     st.plotly_chart(ui.fig_layout(fig, "Class balance", 300), key="ds_balance")
 
 
@@ -76,12 +77,15 @@ def _report(c, rep: dict) -> None:
     from model.inspect import InspectReport
 
     st.subheader("Checks")
-    st.dataframe(InspectReport.from_dict(rep).table(), hide_index=True)
+    table = InspectReport.from_dict(rep).table()
+    st.dataframe(table, hide_index=True, height=35 * (len(table) + 1) + 3)
     for key, title in (("near_black", "Near-black patches (every pixel below 10)"),
                        ("near_white", "Near-white patches (every pixel above 245)")):
         found = rep.get(key, [])
         st.subheader(f"{title}: {len(found)}")
         if found:
+            if len(found) > 24:
+                st.caption(f"The first 24 of {len(found)}.")
             _gallery(c, found[:24], key)
     if rep.get("unreadable"):
         st.subheader("Unreadable")
@@ -92,8 +96,8 @@ def _gallery(c, found: list[dict], key: str) -> None:
     idx = [f["index"] for f in found]
     pix = c.source.read_batch(idx)
     labels = [None if c.source.labels is None else int(c.source.labels[i]) for i in idx]
-    ui.grid([ui.patch_image(x, lab, 128) for x, lab in zip(pix, labels)],
-            [ui.caption(f["id"], lab) for f, lab in zip(found, labels)], 8, key=key)
+    ui.grid([ui.patch_image(x, lab, 96) for x, lab in zip(pix, labels)],
+            [ui.caption(f["id"], lab) for f, lab in zip(found, labels)], 8, key=key, width=128)
 
 
 if __name__ == "__main__":

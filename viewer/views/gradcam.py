@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from model.errors import PcamLensError
 from viewer import components as ui
 from viewer import frame, state
 
@@ -18,6 +19,7 @@ def render(c) -> None:
     layers = state.gradcam_layer_names(c.run_key)
     a, b, d = st.columns(3)
     layer = a.selectbox("Layer", layers, index=0, key="g_layer",
+                        format_func=lambda n: f"{n} (default)" if n == layers[0] else n,
                         help="The first is the default: the last block at stride 16, fine "
                              "enough to tell the centre 32x32 from the rim.")
     alpha = b.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="g_alpha")
@@ -27,17 +29,40 @@ def render(c) -> None:
                                 key="g_mode") or "top losses"
     if mode == "one patch":
         pid = st.text_input("Patch id", value=c.source.ids[0], key="g_id").strip()
+        try:
+            c.source.index_of(pid)
+        except PcamLensError as e:
+            st.error(str(e))
+            return
         rows = [(c.src_key, c.source, pid)]
     else:
         rows = _gallery_rows(c, GALLERIES[mode])
         if rows is None:
             return
     ui.legend()
-    for k in range(0, len(rows), 2):
+    t = TARGETS[target]
+    sk, src = rows[0][0], rows[0][1]
+    pids = [pid for _, _, pid in rows]
+    idx = [src.index_of(pid) for pid in pids]
+    x = src.read_batch(idx)
+    if len(pids) == 1 and sk is not None:
+        heats = [state.gradcam_heat(c.run_key, sk, pids[0], layer, t)]
+    elif sk is not None:
+        heats = state.gradcam_heats(c.run_key, sk, tuple(pids), layer, t)
+    else:
+        heats = state.gradcam_arrays(c.run_key, x, layer, t)
+    probs = (state.page_probs(c.run_key, sk, tuple(int(i) for i in idx)) if sk is not None
+             else state.predict_arrays(c.run_key, x))
+    labels = [None if src.labels is None else int(src.labels[i]) for i in idx]
+    for k in range(0, len(pids), 2):
         cols = st.columns(2)
-        for col, (sk, src, pid) in zip(cols, rows[k:k + 2]):
+        for col, j in zip(cols, range(k, min(k + 2, len(pids)))):
             with col.container(border=True):
-                _pair(c, sk, src, pid, layer, TARGETS[target], alpha)
+                a, b = st.columns(2)
+                a.image(ui.patch_image(x[j], labels[j], 288),
+                        caption=ui.caption(pids[j], labels[j], probs[j], short=24))
+                b.image(ui.patch_image(state.overlay(x[j], heats[j], alpha), labels[j], 288),
+                        caption=f"Grad-CAM · {layer} · {target}")
 
 
 def _gallery_rows(c, which: str):
@@ -52,26 +77,10 @@ def _gallery_rows(c, which: str):
         st.warning("The run's data cannot be opened here: choose it in the sidebar.")
         return None
     st.caption(f"From {preds.origin}")
-    df = preds.df.dropna(subset=["label"])
-    sets = sample_sets(df[["id", "label", "prob", "loss", "idx"]], k=8)
+    df = preds.df[preds.df["idx"] >= 0].dropna(subset=["label"])
+    sets = sample_sets(df[["id", "label", "prob", "loss"]], k=8)
     sk = c.src_key if preds.source is c.source else None
-    return [(sk, preds.source, pid) for pid in sets[which]["id"]]
-
-
-def _pair(c, sk, src, pid: str, layer: str, target, alpha: float) -> None:
-    i = src.index_of(pid)
-    x = src.read(i)
-    label = None if src.labels is None else int(src.labels[i])
-    if sk is not None:
-        heat = state.gradcam_heat(c.run_key, sk, pid, layer, target)
-    else:
-        heat = state.gradcam_arrays(c.run_key, x[None], layer, target)[0]
-    prob = float(state.predict_arrays(c.run_key, x[None])[0] if sk is None
-                 else state.page_probs(c.run_key, sk, (int(i),))[0])
-    a, b = st.columns(2)
-    a.image(ui.patch_image(x, label, 256), caption=ui.caption(pid, label, prob, short=24))
-    b.image(ui.patch_image(state.overlay(x, heat, alpha), label, 256),
-            caption=f"Grad-CAM · {layer}")
+    return [(sk, preds.source, pid) for pid in sets[which]["id"]] or None
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _results(res: dict) -> None:
     a, b, d = st.columns(3)
     a.metric("Patches", f"{len(df):,}")
     b.metric("Predicted tumour (p ≥ 0.5)", f"{n_pos:,}")
-    d.metric("Time", f"{res['seconds']:.1f} s", f"TTA ×{res['tta']}", delta_color="off")
+    d.metric("Time", f"{res['seconds']:.1f} s", f"TTA ×{res['tta']}", delta_color="off", delta_arrow="off")
     st.plotly_chart(ui.histogram(df["prob"], df["label"]), key="i_hist")
     fmt = st.segmented_control("submission.csv label", ["probability", "0/1 at 0.5"],
                                default="probability", key="i_fmt") or "probability"
@@ -165,8 +165,9 @@ def _results(res: dict) -> None:
     else:
         pix = state.open_source_cached(res["sk"]).read_batch(part["idx"].to_numpy())
     ui.legend()
-    ui.grid([ui.patch_image(x, lab, 160) for x, lab in zip(pix, part["label"])],
-            [ui.caption(r.id, r.label, r.prob) for r in part.itertuples()], 7, key="i_grid")
+    ui.grid([ui.patch_image(x, lab, 96) for x, lab in zip(pix, part["label"])],
+            [ui.caption(r.id, r.label, r.prob) for r in part.itertuples()], 7, key="i_grid",
+            width=160)
 
 
 if __name__ == "__main__":

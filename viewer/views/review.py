@@ -97,10 +97,14 @@ def _item(c, preds, log, row) -> None:
             st.caption(f"Earlier decisions: {len(hist)} (last: {hist.iloc[-1]['action']} by "
                        f"{hist.iloc[-1]['reviewer']})")
         st.text_input("Note (optional)", key="rv_note")
-        st.selectbox("Flag reason", list(REASONS), format_func=REASONS.get, key="rv_reason")
+        st.selectbox("Flag reason (used by Flag)", list(REASONS), format_func=REASONS.get,
+                     key="rv_reason")
         args = (str(log.path), c.reviewer, c.run_name, pid)
         source = src.describe_short()
         off = not c.reviewer
+        if c.reviewer:
+            st.caption(f"Recording as **{c.reviewer}** (a name typed in the sidebar, not "
+                       "authentication).")
         b1, b2 = st.columns(2)
         b1.button("Confirm label", type="primary", on_click=_decide, disabled=off,
                   args=(*args, "confirm", old, source), shortcut=KEYS["confirm"],

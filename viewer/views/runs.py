@@ -23,6 +23,7 @@ def render(c) -> None:
         ui.need_run(c, "This page")
         return
     table = pd.DataFrame(c.runs)[["name", "status", "epochs", "auc", "arch", "data", "error"]]
+    table["error"] = table["error"].fillna("")
     st.dataframe(table, hide_index=True, column_config={
         "auc": st.column_config.NumberColumn("valid AUC", format="%.4f")})
     names = [r["name"] for r in c.runs]
@@ -55,11 +56,11 @@ def _one(run_dir: Path) -> None:
     cols = st.columns(5)
     cols[0].metric("Status", prog.get("status", "unknown"),
                    f"{prog.get('epochs_done', 0)}/{prog.get('epochs_total', '?')} epochs",
-                   delta_color="off")
+                   delta_color="off", delta_arrow="off")
     if m:
         ci = m.get("auc_ci") or [None, None]
         cols[1].metric("Validation AUC", _f(m.get("auc")),
-                       f"95% CI {_f(ci[0])}–{_f(ci[1])}", delta_color="off")
+                       f"95% CI {_f(ci[0])}–{_f(ci[1])}", delta_color="off", delta_arrow="off")
         cols[2].metric("Accuracy", _f(m.get("accuracy")))
         cols[3].metric("ECE", _f(m.get("ece")))
         cols[4].metric("Best epoch", str(m.get("best_epoch")))

@@ -1,0 +1,202 @@
+"""The Streamlit viewer, driven headlessly with streamlit.testing.v1.AppTest.
+
+Every page renders without an exception with no runs, with a run, and on bad input; a review
+decision made through the UI is in the SQLite log after a rerun and after a new session.
+PCAM_LENS_HOME / PCAM_LENS_RUNS point into tmp dirs, so nothing of the user's is touched."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fixtures_runs import tiny_run  # noqa: F401  (session fixture: one tiny trained run)
+
+st_testing = pytest.importorskip("streamlit.testing.v1")
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "viewer" / "app.py"
+PAGES = ["browse", "dataset", "runs", "metrics", "gradcam", "review", "inference"]
+NEED_RUN = ["metrics", "gradcam", "review", "inference"]
+RUN_FILES = ["config.json", "best.safetensors", "history.csv", "valid_predictions.csv",
+             "metrics.json", "progress.json", "lr_schedule.csv", "valid_ids.csv",
+             "train_ids.csv"]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_run):  # noqa: F811
+    """A runs folder holding a copy of the tiny run (the shared one stays untouched)."""
+    root = tmp_path_factory.mktemp("viewer-runs")
+    dst = root / "tiny"
+    dst.mkdir()
+    for name in RUN_FILES:
+        if (tiny_run / name).exists():
+            shutil.copy2(tiny_run / name, dst / name)
+    return root
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, runs_root):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PCAM_LENS_HOME", str(home))
+    monkeypatch.setenv("PCAM_LENS_RUNS", str(runs_root))
+    return home
+
+
+def new_app():
+    return st_testing.AppTest.from_file(str(APP), default_timeout=240)
+
+
+def ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    bugs = [e.value for e in at.error if "Unexpected error" in e.value]
+    assert not bugs, bugs
+
+
+def goto(at, page: str):
+    at.switch_page(f"views/{page}.py").run()
+    ok(at)
+    assert at.title[0].value  # every page has its title
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_every_page_without_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PCAM_LENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PCAM_LENS_RUNS", str(tmp_path / "no-runs"))
+    at = new_app().run()
+    ok(at)
+    assert "Train a demo model" in [b.label for b in at.sidebar.button]
+    for page in PAGES:
+        goto(at, page)
+        assert "SYNTHETIC DATA" in texts(at.warning), page  # marked synthetic on every page
+        if page in NEED_RUN:
+            assert "needs a trained run" in texts(at.info), page
+    # the synthetic default browses without a run
+    goto(at, "browse")
+    assert len(at.get("imgs")) >= 48 or len(at.button) >= 48
+
+
+def test_every_page_with_a_run(env):
+    at = new_app().run()
+    ok(at)
+    assert at.sidebar.selectbox(key="sb_run").value == "tiny"
+    assert [b for b in at.button if b.label == "details"]  # the Browse grid
+    goto(at, "dataset")
+    assert "Checks" in texts(at.subheader)
+    goto(at, "runs")
+    assert at.dataframe and at.selectbox(key="r_pick").value == "tiny"
+    goto(at, "metrics")
+    assert at.slider(key="m_thr").value == 0.5
+    assert at.segmented_control(key="m_cell").value == "FN"
+    at.slider(key="m_thr").set_value(0.3).run()
+    ok(at)
+    goto(at, "gradcam")
+    assert at.selectbox(key="g_layer").value
+    at.segmented_control(key="g_mode").set_value("one patch").run()
+    ok(at)
+    goto(at, "review")
+    assert "Confirm label" in [b.label for b in at.button]
+    goto(at, "inference")
+    assert at.segmented_control(key="i_tta").value == 1
+
+
+def test_browse_detail_and_filters(env):
+    at = new_app().run()
+    at.segmented_control(key="b_corr").set_value("incorrect").run()
+    ok(at)
+    details = [b for b in at.button if b.label == "details"]
+    assert details
+    details[0].click().run()
+    ok(at)
+    assert at.selectbox(key="d_layer").value  # the detail dialog with its Grad-CAM
+    assert "Augmentation preview" in texts(at.markdown)
+
+
+def _review_log_path(home: Path) -> Path:
+    from model.review import fallback_log_path
+
+    return fallback_log_path(None)
+
+
+def test_review_decision_is_logged_and_survives_a_new_session(env):
+    from model.review import ReviewLog
+
+    at = new_app().run()
+    at.sidebar.text_input(key="sb_reviewer").input("Dr Tester").run()
+    goto(at, "review")
+    first = at.subheader[0].value
+    at.text_input(key="rv_note").input("looks like an artefact").run()
+    [b for b in at.button if b.label == "Confirm label"][0].click().run()
+    ok(at)
+    log = ReviewLog(_review_log_path(env))
+    hist = log.history()
+    assert len(hist) == 1
+    row = hist.iloc[0]
+    assert (row["reviewer"], row["action"], row["run"]) == ("Dr Tester", "confirm", "tiny")
+    assert f"Patch {row['patch_id']}" == first and row["note"] == "looks like an artefact"
+    assert at.subheader[0].value != first  # next patch
+    assert at.get("progress")[0].proto.text.startswith("1 of ")  # "n of N reviewed"
+    at.run()  # a plain rerun does not record twice
+    assert len(log.history()) == 1
+
+    # a new session: the name is remembered, the queue resumes after the reviewed patch
+    at2 = new_app().run()
+    assert at2.sidebar.text_input(key="sb_reviewer").value == "Dr Tester"
+    goto(at2, "review")
+    assert at2.subheader[0].value != first
+    [b for b in at2.button if b.label == "Skip"][0].click().run()
+    ok(at2)
+    assert [r for r in ReviewLog(_review_log_path(env)).history()["action"]] == ["confirm",
+                                                                                 "skip"]
+    assert json.loads((env / "viewer.json").read_text())["reviewer"] == "Dr Tester"
+
+
+def test_bad_inputs_give_messages_not_tracebacks(env, tmp_path, runs_root):
+    at = new_app().run()
+    # an empty folder as data source
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    at.sidebar.selectbox(key="sb_kind").set_value("path").run()
+    at.sidebar.text_input(key="sb_path").input(str(empty)).run()
+    ok(at)
+    assert "empty" in texts(at.sidebar.error)
+    for page in ("browse", "dataset", "gradcam"):
+        goto(at, page)
+        assert "No data source" in texts(at.info)
+    # a path that does not exist
+    at.sidebar.text_input(key="sb_path").input(str(tmp_path / "missing")).run()
+    ok(at)
+    assert "does not exist" in texts(at.sidebar.error)
+    # back to synthetic; a non-image upload on the Inference page
+    at.sidebar.selectbox(key="sb_kind").set_value("synthetic").run()
+    goto(at, "inference")
+    at.segmented_control(key="i_input").set_value("upload").run()
+    at.file_uploader(key="i_files").set_value(
+        [("notes.png", b"this is not an image", "image/png")]).run()
+    [b for b in at.button if b.label.startswith("Predict")][0].click().run()
+    ok(at)
+    assert "not a readable image" in texts(at.warning)
+    assert "None of the uploaded files" in texts(at.error)
+
+
+def test_deleted_run_weights(env, runs_root):
+    broken = runs_root / "broken"
+    shutil.copytree(runs_root / "tiny", broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    try:
+        at = new_app().run()
+        at.sidebar.selectbox(key="sb_run").set_value("broken").run()
+        ok(at)
+        assert "no best.safetensors" in texts(at.sidebar.error)
+        for page in ("metrics", "gradcam", "runs"):
+            goto(at, page)
+        shutil.rmtree(broken)  # the run disappears while the viewer is open
+        at.run()
+        ok(at)
+        assert at.sidebar.selectbox(key="sb_run").value == "tiny"
+    finally:
+        shutil.rmtree(broken, ignore_errors=True)
