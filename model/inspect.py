@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        source = open_source(args.data, args.split)
+        source = open_source(args.data, args.split, use_pack=False)  # check the files themselves
         print(f"Inspecting {source.describe_short()}", flush=True)
         report = inspect_source(source, progress=not args.no_progress,
                                 max_items=args.max_items, workers=args.workers)

@@ -126,9 +126,10 @@ def merge_parts(parts: list[Path], source) -> pd.DataFrame:
     n = len(source)
     out_of_range = df[(df["index"] < 0) | (df["index"] >= n)]
     if len(out_of_range):
+        bad = _describe_ids(list(out_of_range["id"]))
         raise DataError(f"{len(out_of_range)} rows of the parts have indices outside 0..{n - 1} "
-                        f"of {source.describe_short()} (ids {_describe_ids(list(out_of_range['id']))}"
-                        f"); the parts were made for other data.",
+                        f"of {source.describe_short()} (ids {bad}); the parts were made for "
+                        "other data.",
                         fix="Merge with the same --data the shards were predicted on.")
     expected = np.asarray(source.ids, dtype=object)[df["index"].to_numpy()]
     wrong = df[expected != df["id"].to_numpy(dtype=object)]

@@ -211,7 +211,10 @@ def prepare_new(args, log) -> Prepared:
     if args.max_items:
         source = _subsample(source, args.max_items, args.seed)
     checks = None
-    if not args.no_checks:
+    if source.synthetic and not args.no_checks:
+        log("Dataset checks skipped: the synthetic set is generated, its patches are valid "
+            "by construction (run python -m model.inspect synthetic to see its statistics).")
+    elif not args.no_checks:
         source, report = _dataset_checks(source, args, log)
         checks = {"problems": len(report.problem_indices()),
                   "outliers": len(report.outlier_indices()),

@@ -334,7 +334,8 @@ def test_cli_out_folder_and_split_all(kaggle, tmp_path, capsys):
                  "--workers", "2"]) == 0
     text = capsys.readouterr().out
     assert "packed 200 patches" in text and "packed 29 patches" in text
-    assert (out / "pack-train" / "pack.json").exists() and (out / "pack-test" / "pack.json").exists()
+    assert (out / "pack-train" / "pack.json").exists()
+    assert (out / "pack-test" / "pack.json").exists()
     assert not (kaggle / ".pcam-lens").exists()  # --out writes nothing beside the data
     # the data folder does not know about it...
     assert isinstance(open_source(kaggle), KaggleSource)
@@ -384,3 +385,24 @@ def test_load_pack_refuses_other_versions(kaggle):
     with pytest.raises(DataError, match="version"):
         load_pack(target)
     assert isinstance(open_source(kaggle), KaggleSource)
+
+
+def test_pcam_h5_folder_packs_too(h5_sample, tmp_path):
+    out = tmp_path / "h5-packs"
+    assert main([str(h5_sample), "--out", str(out), "--no-progress"]) == 0
+    orig = open_source(h5_sample, use_pack=False)
+    src = open_source(out)
+    assert isinstance(src, PackedSource) and src.split == orig.split == "valid"
+    assert src.ids == orig.ids and np.array_equal(src.labels, orig.labels)
+    assert np.array_equal(src.read_batch(range(len(src))), orig.read_batch(range(len(orig))))
+    assert src.describe() == {**orig.describe(), "packed": True}
+    assert src.path_of(0) is None
+
+
+def test_loader_workers_read_the_pack(kaggle):
+    from model.data import iter_batches
+
+    pack(kaggle, "train", progress=False)
+    src = open_source(kaggle)
+    got = np.concatenate([x.numpy() for _, x in iter_batches(src, 64, workers=1)])
+    assert np.array_equal(got, KaggleSource(kaggle).read_batch(range(N_TRAIN)))
