@@ -3,11 +3,15 @@ half-written file, even if the process is killed (SIGKILL, power loss) mid-write
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+from model.errors import StorageError
 
 
 def _current_umask() -> int:
@@ -17,6 +21,57 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+TMP_SUFFIX = ".tmp"
+# mkstemp names: "." + target name + "." + 8 random characters + ".tmp"
+_TMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+# errno -> (what went wrong, how to fix it): the failures of a write that the user can fix
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: ("disk full (no space left on the device)",
+                   "Free some space on that disk, or write somewhere else."),
+    errno.EDQUOT: ("disk quota exceeded (disk full for this user)",
+                   "Free some space within your quota, or write somewhere else."),
+    errno.EROFS: ("read-only file system",
+                  "Write to a folder on a writable disk (e.g. another --run-dir or --out)."),
+    errno.EACCES: ("permission denied (the folder is read-only for this user)",
+                   "Make the folder writable for this user, or write somewhere else."),
+    errno.EPERM: ("operation not permitted (the folder is read-only for this user)",
+                  "Make the folder writable for this user, or write somewhere else."),
+    errno.EISDIR: ("it is a folder, not a file", "Give a file name, not a folder."),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder",
+                    "Give a path whose folders are folders."),
+    errno.EEXIST: ("a part of the path is a file, not a folder",
+                   "Give a path whose folders are folders."),
+}
+
+
+def storage_error(e: BaseException, path) -> StorageError | None:
+    """A StorageError naming `path` for an OSError the user can fix (disk full, quota,
+    read-only file system, no permission, a folder or file in the way); None otherwise."""
+    if isinstance(e, StorageError) or not isinstance(e, OSError):
+        return None
+    info = _STORAGE_ERRNOS.get(e.errno)
+    if info is None:
+        return None
+    what, fix = info
+    return StorageError(f"Cannot write {path}: {what}. Files written before are unchanged.",
+                        path=path, fix=fix, errno=e.errno)
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that writers killed mid-write (SIGKILL, power loss) left in
+    `folder` (not recursive); return their names. Only for a folder no other process is
+    writing to at the same time (e.g. a run directory being resumed)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if _TMP_RE.match(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -33,10 +88,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True,
                 encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is untouched."""
+    On any exception the temporary file is removed and `path` is untouched. A full disk, an
+    exceeded quota, a read-only file system or a missing permission raise `StorageError` (a
+    PcamLensError and an OSError) naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
     binary = "b" in mode
     try:
@@ -48,10 +111,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True,
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        err = storage_error(e, path) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from None
 
 
 def write_text(path, text: str, *, fsync: bool = True) -> None:

@@ -16,6 +16,11 @@ from model.atomic import write_csv, write_json
 from model.presets import AugmentConfig, InputConfig, prepare, train_transform
 
 
+def _rank_seed(rank: int) -> tuple[int, ...]:
+    """Extra seed material for a DDP rank: none for rank 0 (= a single-process run)."""
+    return (rank,) if rank else ()
+
+
 def _mix(*xs: int) -> int:
     """Derive a 63-bit seed from integers (stable across processes, unlike hash())."""
     h = 1469598103934665603
@@ -31,13 +36,14 @@ class BatchTransform(Callback):
 
     order = -5
 
-    def __init__(self, icfg: InputConfig, acfg: AugmentConfig, seed: int = 0):
-        self.icfg, self.acfg, self.seed = icfg, acfg, seed
+    def __init__(self, icfg: InputConfig, acfg: AugmentConfig, seed: int = 0, rank: int = 0):
+        self.icfg, self.acfg, self.seed, self.rank = icfg, acfg, seed, rank
         self.global_epoch = 0
         self.gen = torch.Generator()
 
     def before_epoch(self):
-        self.gen.manual_seed(_mix(self.seed, self.global_epoch, 1))
+        # DDP ranks other than 0 mix their rank in: each rank augments its own patches
+        self.gen.manual_seed(_mix(self.seed, self.global_epoch, 1, *_rank_seed(self.rank)))
 
     def before_batch(self):
         x = self.xb[0]
@@ -88,11 +94,12 @@ class RunRecorder(Callback):
 
     def __init__(self, run_dir: Path, phase: str, epoch_offset: int, start_epoch: int,
                  state: dict, batch_tfm: BatchTransform, sampler, valid_ids: list[str],
-                 valid_labels: np.ndarray, save_resume):
+                 valid_labels: np.ndarray, save_resume, dist=None):
         self.run_dir, self.phase, self.offset = Path(run_dir), phase, epoch_offset
         self.start_epoch, self.state, self.batch_tfm = start_epoch, state, batch_tfm
         self.sampler, self.valid_ids, self.valid_labels = sampler, valid_ids, valid_labels
         self.save_resume = save_resume
+        self.dist = dist  # model.distributed.Dist under torchrun: only rank 0 writes
 
     # ---- seeding
     def before_epoch(self):
@@ -100,7 +107,7 @@ class RunRecorder(Callback):
         self.batch_tfm.global_epoch = g
         self.batch_tfm.before_epoch()  # re-seed now that the global epoch is known
         self.sampler.set_epoch(g)
-        torch.manual_seed(_mix(self.state["seed"], g, 2))
+        torch.manual_seed(_mix(self.state["seed"], g, 2, *_rank_seed(self.batch_tfm.rank)))
         self._t0 = time.time()
         self._probs, self._lrs, self._train_losses = [], [], []
 
@@ -120,42 +127,58 @@ class RunRecorder(Callback):
         from model.metrics import per_patch_losses
 
         g = self.offset + self.epoch
+        dist = self.dist
+        main = dist is None or dist.is_main
         probs = torch.cat(self._probs).numpy().astype(np.float64)
         labels = self.valid_labels
         losses = per_patch_losses(labels, probs)
         auc = float(roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
         row = {"epoch": g, "phase": self.phase, "phase_epoch": self.epoch,
-               "train_loss": float(np.mean(self._train_losses)) if self._train_losses else None,
+               "train_loss": _mean_over_ranks(dist, float(np.mean(self._train_losses))
+                                              if self._train_losses else None),
                "valid_loss": float(losses.mean()),
                "accuracy": float(((probs >= 0.5) == labels).mean()), "auc": auc,
                "lr_max": max(self._lrs) if self._lrs else None,
                "seconds": round(time.time() - self._t0, 2)}
         st = self.state
         st["history"].append(row)
-        write_csv(self.run_dir / "history.csv", pd.DataFrame(st["history"]), fsync=False)
         lr_path = self.run_dir / "lr_schedule.csv"
-        lr_rows = pd.DataFrame({"epoch": g, "phase": self.phase, "lr": self._lrs})
-        prev = pd.read_csv(lr_path) if lr_path.exists() and g > 0 else None
-        if prev is not None:
-            lr_rows = pd.concat([prev[prev.epoch < g], lr_rows])
-        write_csv(lr_path, lr_rows, fsync=False)
+        if main:
+            write_csv(self.run_dir / "history.csv", pd.DataFrame(st["history"]), fsync=False)
+            lr_rows = pd.DataFrame({"epoch": g, "phase": self.phase, "lr": self._lrs})
+            prev = pd.read_csv(lr_path) if lr_path.exists() and g > 0 else None
+            if prev is not None:
+                lr_rows = pd.concat([prev[prev.epoch < g], lr_rows])
+            write_csv(lr_path, lr_rows, fsync=False)
 
+        from model.distributed import unwrap
         from model.run import save_weights
 
-        save_weights(self.model, self.run_dir / "last.safetensors", {"epoch": g, "auc": auc})
+        model = unwrap(self.model)
+        if main:
+            save_weights(model, self.run_dir / "last.safetensors", {"epoch": g, "auc": auc})
         improved = not (auc <= st.get("best_auc", -1.0))  # NaN counts as improved once
-        if improved or not (self.run_dir / "best.safetensors").exists():
+        if improved or (main and not (self.run_dir / "best.safetensors").exists()):
             st["best_auc"], st["best_epoch"] = auc, g
-            save_weights(self.model, self.run_dir / "best.safetensors", {"epoch": g, "auc": auc})
-            write_csv(self.run_dir / "valid_predictions.csv",
-                      pd.DataFrame({"id": self.valid_ids, "label": labels, "prob": probs,
-                                    "loss": losses}))
+            if main:
+                save_weights(model, self.run_dir / "best.safetensors", {"epoch": g, "auc": auc})
+                write_csv(self.run_dir / "valid_predictions.csv",
+                          pd.DataFrame({"id": self.valid_ids, "label": labels, "prob": probs,
+                                        "loss": losses}))
         st["phase"], st["phase_epochs_done"], st["epochs_done"] = self.phase, self.epoch + 1, g + 1
-        self.save_resume(self.learn, st)  # the commit point of this epoch
-        write_json(self.run_dir / "progress.json",
-                   {"status": "running", "phase": self.phase, "epochs_done": g + 1,
-                    "epochs_total": st["epochs_total"], "best_auc": st["best_auc"],
-                    "best_epoch": st["best_epoch"], "updated": time.time()})
+        if main:
+            self.save_resume(self.learn, st)  # the commit point of this epoch
+            write_json(self.run_dir / "progress.json",
+                       {"status": "running", "phase": self.phase, "epochs_done": g + 1,
+                        "epochs_total": st["epochs_total"], "best_auc": st["best_auc"],
+                        "best_epoch": st["best_epoch"], "updated": time.time()})
+        if dist is not None:
+            dist.barrier()  # no rank starts the next epoch before rank 0's checkpoint is written
+
+
+def _mean_over_ranks(dist, value):
+    """`value` averaged over DDP ranks (a collective: every rank calls it), or as it is."""
+    return value if dist is None else dist.mean(value)
 
 
 def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
@@ -165,8 +188,10 @@ def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
 
     from model.atomic import write_bytes
 
+    from model.distributed import unwrap
+
     tensors = {f"model/{k}": v.detach().cpu().contiguous()
-               for k, v in learn.model.state_dict().items()}
+               for k, v in unwrap(learn.model).state_dict().items()}
     scalars: dict[str, dict] = {}
     sd = learn.opt.state_dict()
     for j, pstate in enumerate(sd["state"]):
@@ -188,7 +213,9 @@ def load_resume_checkpoint(learn, path: Path, with_opt: bool = True) -> dict:
 
     tensors, meta = read_safetensors(path)  # values were JSON-encoded strings
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
-    learn.model.load_state_dict(model_sd)
+    from model.distributed import unwrap
+
+    unwrap(learn.model).load_state_dict(model_sd)
     state = meta["progress"]
     state["history"] = meta["history"]
     if not with_opt:

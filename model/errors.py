@@ -33,3 +33,18 @@ class RunError(PcamLensError):
 
 class WeightsError(PcamLensError):
     """Pretrained weights that cannot be obtained."""
+
+
+class StorageError(PcamLensError, OSError):
+    """A file could not be written: the disk is full, a quota is exceeded, the file system is
+    read-only or the folder is not writable. Also an OSError, so code that tolerates failed
+    writes (`except OSError`, e.g. optional caches) keeps doing so."""
+
+    def __init__(self, message: str, *, path: object | None = None, fix: str | None = None,
+                 errno: int | None = None):
+        super().__init__(message, path=path, fix=fix)
+        self.errno = errno
+        self.filename = self.path
+
+    def __str__(self) -> str:  # OSError would print "[Errno N] None: path"
+        return str(self.args[0]) if self.args else ""

@@ -35,7 +35,8 @@ import numpy as np
 
 from model.errors import DataError, PcamLensError
 from model.images import decode_image, resize_rgb
-from model.sources import FileSource, KaggleSource, PatchSource, SubsetSource, open_source
+from model.sources import (FileSource, KaggleSource, PatchSource, SubsetSource,
+                           check_confined, open_source)
 
 BLACK_MAX = 10  # near-black: patch max (uint8, all pixels and channels) below this
 WHITE_MIN = 245  # near-white: patch min above this
@@ -197,11 +198,13 @@ def _base_source(source: PatchSource) -> PatchSource:
 
 
 def _scan_files(paths: list[Path], expect: tuple[int, int] | None, size: int,
-                indices: Sequence[int]) -> _Chunk:
+                indices: Sequence[int], confine: tuple[Path, ...] | None = None) -> _Chunk:
     out = _Chunk()
     for i in indices:
         out.done += 1
         try:
+            if confine is not None:  # a link out of the data folder is not read
+                check_confined(paths[i], confine)
             arr, note = decode_image(paths[i])
         except DataError as e:
             out.unreadable.append((i, str(e)))
@@ -316,7 +319,9 @@ def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int
 
     if paths is not None:
         expect = getattr(base, "expect_size", None)
-        chunk, task = _FILE_CHUNK, (lambda idx: _scan_files(paths, expect, source.size, idx))
+        confine = getattr(base, "confine", None)
+        chunk, task = _FILE_CHUNK, (lambda idx: _scan_files(paths, expect, source.size, idx,
+                                                            confine))
     else:
         chunk, task = _BATCH_CHUNK, (lambda idx: _scan_batch(source, idx))
 

@@ -759,9 +759,17 @@ def pack(data, split: str = "train", *, out=None, force: bool = False,
     source = open_source(root, split, use_pack=False)  # checks the folder first
     # like open_source, the packed folder is named by the caller's split
     target = Path(out).expanduser() / f"pack-{split}" if out else default_pack_dir(root, split)
-    return write_pack(source, root, target, requested_split=split,
-                      workers=workers or default_workers(), chunk=chunk, progress=progress,
-                      force=force, data_arg=str(data))
+    try:
+        return write_pack(source, root, target, requested_split=split,
+                          workers=workers or default_workers(), chunk=chunk, progress=progress,
+                          force=force, data_arg=str(data))
+    except OSError as e:  # disk full / read-only: a clear error; the old pack stays as it was
+        from model.atomic import storage_error
+
+        err = storage_error(e, target)
+        if err is None:
+            raise
+        raise err from None
 
 
 def verify_pack(pack_dir) -> bool:

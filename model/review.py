@@ -35,6 +35,7 @@ keyed by the data path instead, so reviewing still works and two data sets never
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -49,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from model.atomic import write_csv
-from model.errors import PcamLensError
+from model.errors import PcamLensError, StorageError
 
 SCHEMA_VERSION = 1
 LOG_NAME = "review_log.sqlite"
@@ -265,6 +266,18 @@ class ReviewLog:
 
     def _open_error(self, e: sqlite3.Error) -> PcamLensError:
         msg = str(e)
+        low = msg.lower()
+        if "disk is full" in low or "readonly" in low or "read-only" in low:
+            full = "full" in low
+            return StorageError(
+                f"Cannot write the review log {self.path}: "
+                + ("disk full" if full else "read-only database or file system")
+                + f" ({msg}). Nothing was written; the decisions recorded before are "
+                  "kept.", path=self.path,
+                fix=("Free some space on that disk" if full else
+                     "Make the log and its folder writable")
+                + f", or set {HOME_ENV} to a folder on another disk and review again.",
+                errno=errno.ENOSPC if full else errno.EROFS)
         if "not a database" in msg or "malformed" in msg:
             return PcamLensError(f"{self.path} is not a readable review log ({msg}).",
                                  path=self.path,

@@ -128,8 +128,12 @@ class FileSource(PatchSource):
 
     paths: list[Path]
     expect_size: tuple[int, int] | None = (PATCH, PATCH)
+    # resolved folders that a file which is a symbolic link may point into (None: no check)
+    confine: tuple[Path, ...] | None = None
 
     def read(self, i):
+        if self.confine is not None:
+            check_confined(self.paths[i], self.confine)
         arr, note = decode_image(self.paths[i], expect_size=self.expect_size)
         if note and len(self.notes) < 20:
             msg = f"{self.paths[i].name}: {note}"
@@ -139,6 +143,43 @@ class FileSource(PatchSource):
 
     def path_of(self, i):
         return self.paths[i]
+
+
+def check_confined(path: Path, roots: tuple[Path, ...]) -> None:
+    """Refuse a patch file that is a symbolic link resolving outside the data folder: a data
+    set must not make pcam-lens read (and train on, or show) files from elsewhere on the
+    machine. Links inside the folder, and a linked folder as a whole (e.g. train/ -> another
+    disk), are fine. Costs one lstat per read."""
+    if not os.path.islink(path):
+        return
+    real = Path(os.path.realpath(path))
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        raise DataError(f"{path} is a symbolic link to {real}, outside the data folder "
+                        f"{roots[0]}; links out of the data folder are not followed.",
+                        path=path, fix="Copy the file into the data folder (or link the whole "
+                                       "folder), or remove the link; --drop-bad skips it.")
+
+
+def printable_name(name: str) -> str:
+    """A file name as text that can always be printed and written as UTF-8 (undecodable
+    bytes shown as \\xNN)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8_name(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 come back as lone surrogates
+        return False
+    return True
+
+
+def _note_skipped(source: PatchSource, folder: Path, skipped: list[str]) -> None:
+    if skipped:
+        source.notes.append(
+            f"{len(skipped)} file(s) in {folder} ignored because their names are not valid "
+            f"UTF-8 (ids must be text): {', '.join(skipped[:5])}"
+            + (" ..." if len(skipped) > 5 else "") + "; rename them to use them.")
 
 
 def _check_id(pid: str, csv_path: Path, row: int) -> str:
@@ -205,9 +246,18 @@ def read_labels_csv(csv_path: Path, classes: list[str] = PCAM_CLASSES
     return ids, np.asarray(labels, dtype=np.int64)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+def _list_images(folder: Path, skipped: list[str] | None = None) -> list[Path]:
+    """Image files of `folder`, sorted. Files whose names are not valid UTF-8 are left out
+    (their printable names appended to `skipped` when given): an id must be text that a CSV
+    can hold."""
+    out = []
+    for p in folder.iterdir():
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if _utf8_name(p.name):
+                out.append(p)
+            elif skipped is not None:
+                skipped.append(printable_name(p.name))
+    return sorted(out)
 
 
 class KaggleSource(FileSource):
@@ -226,7 +276,8 @@ class KaggleSource(FileSource):
                 raise DataError(f"{root} has no test/ folder.", path=root,
                                 fix="Point --data at the Kaggle folder that holds test/.")
             sub = root / "sample_submission.csv"
-            files = {p.stem: p for p in _list_images(folder)}
+            skipped: list[str] = []
+            files = {p.stem: p for p in _list_images(folder, skipped)}
             if sub.exists():
                 ids, _ = read_labels_csv(sub)
                 missing = [pid for pid in ids if pid not in files]
@@ -245,13 +296,19 @@ class KaggleSource(FileSource):
             raise DataError(f"Kaggle folders have splits 'train' and 'test', not {split!r}.")
         super().__init__(kind="kaggle", root=root, ids=ids, labels=labels,
                          classes=list(PCAM_CLASSES), split=split)
+        if split == "test":
+            _note_skipped(self, folder, skipped)
         self.paths = paths
         self.folder = folder
+        self.confine = (root.resolve(), folder.resolve())
 
     def unlabelled_files(self) -> list[str]:
-        """Files in train/ that have no row in train_labels.csv."""
+        """Files in train/ that have no row in train_labels.csv (names that are not valid
+        UTF-8 included, printable: they cannot have a row)."""
         known = set(self.ids)
-        return [p.name for p in _list_images(self.folder) if p.stem not in known]
+        skipped: list[str] = []
+        files = [p.name for p in _list_images(self.folder, skipped) if p.stem not in known]
+        return files + skipped
 
 
 class ImageFolderSource(FileSource):
@@ -261,12 +318,16 @@ class ImageFolderSource(FileSource):
 
     def __init__(self, root: Path, size: int = PATCH):
         root = Path(root)
-        paths = _list_images(root)
+        skipped: list[str] = []
+        paths = _list_images(root, skipped)
         if not paths:
-            raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).", path=root,
+            raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                            + (f" with UTF-8 file names ({len(skipped)} others)" if skipped
+                               else "") + ".", path=root,
                             fix="Point --data at a folder of patches.")
         super().__init__(kind="images", root=root, ids=[p.stem for p in paths], labels=None,
                          classes=list(PCAM_CLASSES), split="test", size=size)
+        _note_skipped(self, root, skipped)
         self.paths = paths
 
 
@@ -277,8 +338,10 @@ class ClassFolderSource(FileSource):
 
     def __init__(self, root: Path, size: int = PATCH):
         root = Path(root)
-        class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        per_class = {d.name: _list_images(d) for d in class_dirs}
+        class_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                      and _utf8_name(d.name)]
+        skipped: list[str] = []
+        per_class = {d.name: _list_images(d, skipped) for d in class_dirs}
         per_class = {k: v for k, v in per_class.items() if v}
         if len(per_class) != 2:
             raise DataError(f"{root} has {len(per_class)} class folders with images "
@@ -298,6 +361,7 @@ class ClassFolderSource(FileSource):
         super().__init__(kind="folders", root=root, ids=ids,
                          labels=np.asarray(labels, dtype=np.int64), classes=names,
                          split="train", size=size)
+        _note_skipped(self, root, skipped)
         self.paths = paths
 
 
@@ -493,6 +557,13 @@ def open_source(spec: str | os.PathLike | None = None, split: str = "train", *,
         return ImageFolderSource(path, size=size)
     if subdirs:
         return ClassFolderSource(path, size=size)
+    others = sorted(printable_name(f.name) for f in path.iterdir()
+                    if f.is_file() and not f.name.startswith("."))
+    if others:
+        raise DataError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), no "
+                        f"train_labels.csv and no PCam .h5 files, only {len(others)} other "
+                        f"file(s), e.g. {', '.join(others[:3])}.", path=path,
+                        fix="Point --data at a folder that holds patches.")
     raise DataError(f"{path} is empty: no images, no train_labels.csv, no PCam .h5 files.",
                     path=path, fix="Point --data at a folder that holds patches.")
 

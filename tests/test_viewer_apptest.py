@@ -200,3 +200,29 @@ def test_deleted_run_weights(env, runs_root):
         assert at.sidebar.selectbox(key="sb_run").value == "tiny"
     finally:
         shutil.rmtree(broken, ignore_errors=True)
+
+
+def test_kaggle_folder_outliers_and_remembered_source(env, make_kaggle):
+    import numpy as np
+    from PIL import Image
+
+    root = make_kaggle(n=12)
+    Image.fromarray(np.full((96, 96, 3), 2, np.uint8)).save(root / "train" / "black0.tif")
+    with open(root / "train_labels.csv", "a") as f:
+        f.write("black0,0\n")
+    at = new_app().run()
+    at.sidebar.selectbox(key="sb_kind").set_value("kaggle").run()
+    at.sidebar.text_input(key="sb_path").input(str(root)).run()
+    ok(at)
+    assert "13 patches" in texts(at.sidebar.caption)
+    at.selectbox(key="b_out").set_value("near-black").run()
+    [b for b in at.button if b.label == "Run the dataset checks now"][0].click().run()
+    ok(at)
+    assert "1 patch matches" in texts(at.caption)
+    assert [b.help for b in at.button if b.label == "details"] == ["black0"]
+    goto(at, "dataset")
+    assert "Near-black patches (every pixel below 10): 1" in texts(at.subheader)
+    # a new session opens on the same source
+    at2 = new_app().run()
+    assert at2.sidebar.text_input(key="sb_path").value == str(root)
+    assert "13 patches" in texts(at2.sidebar.caption)

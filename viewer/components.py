@@ -58,7 +58,7 @@ def patch_image(rgb: np.ndarray, label=None, size: int = 192, box: bool = True,
 def crisp_css() -> None:
     """Make the browser upscale patch images with nearest neighbour (no blur)."""
     st.html("<style>[data-testid='stImage'] img, [data-testid='stFullScreenFrame'] img "
-            "{image-rendering: pixelated;}</style>")
+            "{image-rendering: pixelated; outline: 1px solid rgba(128,128,128,.25);}</style>")
 
 
 def caption(pid: str, label=None, prob=None, short: int = 14) -> str:
@@ -208,6 +208,8 @@ def histogram(probs, labels=None, title: str = "Predicted probability of tumour"
         color = "label"
     fig = px.histogram(d, x="prob", color=color, nbins=40, range_x=[0, 1], barmode="overlay",
                        color_discrete_map={"tumour": "#e62828", "no tumour": "#1ebe46"})
+    fig.update_xaxes(title="P(tumour)")
+    fig.update_yaxes(title="patches")
     return fig_layout(fig, title, 300)
 
 

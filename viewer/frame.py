@@ -9,7 +9,7 @@ import streamlit as st
 
 from model.errors import PcamLensError
 from viewer import components as ui
-from viewer import state
+from viewer import preds, state
 
 
 def run_page(render, title: str) -> None:
@@ -22,8 +22,14 @@ def run_page(render, title: str) -> None:
             ui.synthetic_banner()
         st.caption(f"Data: {c.source.describe_short()}"
                    + (f" · Run: **{c.run_name}**" if c.run_dir else " · no run selected"))
+    guarded(render, c)
+
+
+def guarded(fn, *args) -> None:
+    """Run fn(*args); a PcamLensError becomes st.error(message), a bug a short error with the
+    traceback folded away. Also used inside dialogs/fragments, which rerun on their own."""
     try:
-        render(c)
+        fn(*args)
     except PcamLensError as e:
         st.error(str(e), icon=":material/error:")
     except Exception as e:  # a bug, not bad input: say so, keep the details folded away
@@ -33,7 +39,7 @@ def run_page(render, title: str) -> None:
 
 
 def predictions_picker(c: state.Context, key: str, need_labels: bool = True
-                       ) -> state.Predictions | None:
+                       ) -> preds.Predictions | None:
     """Let the user pick the run's validation predictions or whole-source predictions of the
     chosen source (computed on demand with a progress bar). None when there are none yet."""
     options = ["validation", "source"]
@@ -48,13 +54,15 @@ def predictions_picker(c: state.Context, key: str, need_labels: bool = True
     which = st.segmented_control("Predictions", options, format_func=names.get,
                                  default=options[0], key=f"{key}-which") or options[0]
     if which == "validation":
-        p = state.validation_predictions(c)
+        p = preds.validation_predictions(c)
         if p is None:
             st.info(f"Run {c.run_name} has no valid_predictions.csv yet (it is written after "
                     "the first epoch).")
         return p
-    p = state.source_predictions(c)
+    p = preds.source_predictions(c)
     if p is not None:
+        if p.warning:
+            st.warning(p.warning, icon=":material/warning:")
         return p
     n = len(c.source)
     st.info(f"Predictions for all {n:,} patches of this source are not computed yet"
@@ -65,7 +73,7 @@ def predictions_picker(c: state.Context, key: str, need_labels: bool = True
     return None
 
 
-def predict_with_progress(c: state.Context) -> state.Predictions:
+def predict_with_progress(c: state.Context) -> preds.Predictions:
     bar = st.progress(0.0, text="Predicting...")
     t0 = time.perf_counter()
 
@@ -74,25 +82,25 @@ def predict_with_progress(c: state.Context) -> state.Predictions:
         bar.progress(done / max(total, 1),
                      text=f"Predicting: {done:,} of {total:,} patches ({rate:.0f}/s)")
 
-    p = state.compute_source_predictions(c, progress=cb)
+    p = preds.compute_source_predictions(c, progress=cb)
     bar.empty()
     return p
 
 
-def read_patches(preds: state.Predictions, rows) -> list | None:
+def read_patches(pset: preds.Predictions, rows) -> list | None:
     """Pixels of prediction rows (a DataFrame slice), or None when they cannot be read."""
-    if preds.source is None or (rows["idx"] < 0).any():
+    if pset.source is None or (rows["idx"] < 0).any():
         return None
-    return list(preds.source.read_batch(rows["idx"].to_numpy()))
+    return list(pset.source.read_batch(rows["idx"].to_numpy()))
 
 
-def patch_rows_grid(preds: state.Predictions, rows, key: str, n_cols: int = 6,
+def patch_rows_grid(pset: preds.Predictions, rows, key: str, n_cols: int = 6,
                     size: int = 160, buttons: bool = False) -> str | None:
     """A small grid of prediction rows (id, label, prob), centre box drawn."""
     if rows.empty:
         st.caption("No patches.")
         return None
-    pix = read_patches(preds, rows)
+    pix = read_patches(pset, rows)
     if pix is None:
         st.warning("The patches' pixels are not available (the run's data cannot be opened "
                    "from here). Choose the run's data source in the sidebar.")

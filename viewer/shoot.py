@@ -113,7 +113,8 @@ def main(argv=None) -> int:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
             for name in args.pages:
-                page.goto(f"http://127.0.0.1:{args.port}/{name}")
+                # the default page (Browse) lives at the root URL
+                page.goto(f"http://127.0.0.1:{args.port}/{'' if name == 'browse' else name}")
                 first = wait_idle(page)
                 page.reload()  # second visit: caches warm, as a user sees it when paging
                 warm = wait_idle(page)

@@ -52,7 +52,7 @@ def log_tail(path: Path, n: int = 25) -> str:
 
 def demo_button(spec: str, root: Path, key: str = "demo") -> None:
     st.caption(f"Trains `{Path(sys.executable).name} -m model.train --data {spec} --preset "
-               "quick` in the background (a few minutes on a CPU).")
+               "quick` in the background (5-20 minutes on a CPU; progress below).")
     if st.button("Train a demo model", key=key, type="primary", icon=":material/model_training:",
                  disabled=bool(_jobs())):
         start(spec, root)
@@ -78,7 +78,10 @@ def progress_panel() -> None:
             frac = done / total if total else 0.0
             what = f"epoch {done} of {total}" if total else "preparing (data checks, lr_find)"
             st.progress(min(frac, 1.0), text=f"Training {name}: {what} · {elapsed:.0f} s")
-            if st.button("Stop training", key=f"stop-{name}", type="tertiary"):
+            last = log_tail(job["log"], 1).strip()
+            if last:
+                st.caption(last[-160:])
+            if st.button("Stop training", key=f"stop-{name}", icon=":material/stop:"):
                 job["proc"].terminate()
             continue
         del _jobs()[run_dir]

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from viewer import components as ui
-from viewer import frame, state
+from viewer import frame, preds, state
 
 LABELS = {"tumour": 1, "no tumour": 0}
 SORTS = {"loss (highest first)": ("loss", False), "probability (highest first)": ("prob", False),
@@ -40,7 +40,7 @@ def _filters(c, t: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     rep = _outlier_report(c) if out != "all" else None
     key = (tuple(lab), tuple(pred), corr, lo, hi, rev, out, sort,
            log.stats()["n_decisions"] if log else None, rep is not None)
-    memo = state._memo(("browse-filter", c.src_key), dict)
+    memo = preds._memo(("browse-filter", c.src_key), dict)
     hit = memo.get(key)
     if hit is None or hit[0] is not t:  # filter + sort 220k rows once, not on every rerun
         if len(memo) > 8:
@@ -112,15 +112,15 @@ def _page_nav(n: int, size: int) -> int:
     b.button("Next", key="b_next", icon=":material/chevron_right:", on_click=_turn, args=(1,),
              disabled=ss["b_page"] >= pages, shortcut="Right")
     d.number_input(f"Page (of {pages:,})", 1, pages, key="b_page")
-    e.caption(f"{n:,} patches match")
+    e.caption(f"{n:,} patch matches" if n == 1 else f"{n:,} patches match")
     return ss["b_page"]
 
 
 def render(c) -> None:
     if not ui.need_source(c):
         return
-    t, preds = state.patch_table(c)
-    _prediction_note(c, t, preds)
+    t, pset = preds.patch_table(c)
+    _prediction_note(c, t, pset)
     rows, size = _filters(c, t)
     page = _page_nav(len(rows), size)
     top = st.columns([2, 3, 2, 5], vertical_alignment="center")
@@ -138,7 +138,7 @@ def render(c) -> None:
     pix = c.source.read_batch(idx)
     probs = part["prob"].to_numpy(float)
     if live and c.run_key is not None and np.isnan(probs).any():
-        fresh = state.page_probs(c.run_key, c.src_key, tuple(int(i) for i in idx))
+        fresh = preds.page_probs(c.run_key, c.src_key, tuple(int(i) for i in idx))
         probs = np.where(np.isnan(probs), fresh, probs)
     imgs = [ui.patch_image(x, lab, 96, box) for x, lab in zip(pix, part["label"])]
     caps = [ui.caption(pid, lab, p) for pid, lab, p in zip(part["id"], part["label"], probs)]
@@ -147,34 +147,42 @@ def render(c) -> None:
         detail(c, clicked)
 
 
-def _prediction_note(c, t, preds) -> None:
+def _prediction_note(c, t, pset) -> None:
     if c.run_key is None:
         st.caption("No run selected: probabilities are not shown.")
         return
     n = int(t["prob"].notna().sum())
-    if preds is not None and n:
-        st.caption(f"Predictions: {preds.origin}. Filters and sorting on predictions cover "
-                   f"the {n:,} patches that have one.")
+    if pset is not None and n:
+        st.caption(f"Predictions: {pset.origin}. Filters and sorting on predictions cover "
+                   f"the {n:,} patches that have one."
+                   + (f" Note: {pset.warning}" if pset.warning else ""))
     else:
         st.caption("No stored predictions for this source: switch on “Predict the shown "
                    "page”, or predict the whole source for filters and sorting on them.")
-    if not (preds is not None and preds.whole_source):
+    if not (pset is not None and pset.whole_source):
         label = f"Predict all {len(c.source):,} patches"
-        if st.button(label, key="b_predict_all", icon=":material/play_arrow:"):
+        if st.button(label, key="b_predict_all", icon=":material/play_arrow:",
+                     help="Runs the model on every patch (slow for big sources on a CPU; "
+                          "any click elsewhere stops it). Labelled data is evaluated with "
+                          "model.evaluate, whose files in <run>/eval/ are reused later."):
             frame.predict_with_progress(c)
             st.rerun()
 
 
 @st.dialog("Patch", width="large")
 def detail(c, pid: str) -> None:
+    frame.guarded(_detail, c, pid)
+
+
+def _detail(c, pid: str) -> None:
     src = c.source
     i = src.index_of(pid)
     x = src.read(i)
     label = None if src.labels is None else int(src.labels[i])
-    t, _ = state.patch_table(c)
+    t, _ = preds.patch_table(c)
     row = t.loc[i]
     prob = row["prob"] if not pd.isna(row["prob"]) else (
-        float(state.page_probs(c.run_key, c.src_key, (int(i),))[0]) if c.run_key else None)
+        float(preds.page_probs(c.run_key, c.src_key, (int(i),))[0]) if c.run_key else None)
     st.markdown(f"**{pid}** · label **{ui.label_text(label)}**"
                 + (f" · p(tumour) **{prob:.3f}**" if prob is not None else "")
                 + (f" · loss {row['loss']:.3f}" if not pd.isna(row["loss"]) else ""))
@@ -187,17 +195,19 @@ def detail(c, pid: str) -> None:
                                                      is not None and mask.any() else "") + ")")
     with b:
         if c.run_key is not None:
-            layers = state.gradcam_layer_names(c.run_key)
-            layer = st.selectbox("Grad-CAM layer", layers, key="d_layer")
+            layers = preds.gradcam_layer_names(c.run_key)
+            layer = st.selectbox("Grad-CAM layer", layers, key="d_layer",
+                                 format_func=lambda n: f"{n} (default)" if n == layers[0]
+                                 else n)
             alpha = st.slider("Opacity", 0.0, 1.0, 0.45, key="d_alpha")
-            heat = state.gradcam_heat(c.run_key, c.src_key, pid, layer, None)
-            st.image(ui.patch_image(state.overlay(x, heat, alpha), label, 384),
+            heat = preds.gradcam_heat(c.run_key, c.src_key, pid, layer, None)
+            st.image(ui.patch_image(preds.overlay(x, heat, alpha), label, 384),
                      caption="Grad-CAM for the predicted class")
         else:
             st.info("Select a run to see Grad-CAM.")
-    st.markdown("**Augmentation preview** (random training augmentations of this patch)")
-    augs = _augmentations(c, x, st.session_state.get("d_seed", 0))
-    st.image([ui.patch_image(v, label, 128) for v in augs])
+    augs, note = _augmentations(c, x, st.session_state.get("d_seed", 0))
+    st.markdown(f"**Augmentation preview** ({note})")
+    st.image([ui.patch_image(v, label, 96) for v in augs], width=144)
     if st.button("New random augmentations", key="d_reseed"):
         st.session_state["d_seed"] = st.session_state.get("d_seed", 0) + 1
         st.rerun(scope="fragment")
@@ -209,22 +219,26 @@ def detail(c, pid: str) -> None:
         st.dataframe(hist.drop(columns=["patch_id"]), hide_index=True)
 
 
-def _augmentations(c, x: np.ndarray, seed: int, n: int = 6) -> list[np.ndarray]:
+def _augmentations(c, x: np.ndarray, seed: int, n: int = 6) -> tuple[list[np.ndarray], str]:
+    """n random training augmentations (model.presets.augment) with the run's settings."""
     import torch
 
     from model.presets import AugmentConfig, augment, to_float
 
-    cfg = AugmentConfig()
+    cfg, note = AugmentConfig(), "random training augmentations, default settings"
     if c.run_dir is not None:
         from model.run import read_config
 
-        aug = read_config(c.run_dir).get("train", {}).get("augment")
-        if aug:
-            cfg = AugmentConfig.from_dict(aug)
+        train = read_config(c.run_dir).get("train", {})
+        if "augment" in train and train["augment"] is None:
+            note = f"run {c.run_name} trained without augmentation; default settings shown"
+        elif train.get("augment") is not None:
+            cfg = AugmentConfig.from_dict(train["augment"])
+            note = f"random training augmentations as in run {c.run_name}"
     gen = torch.Generator().manual_seed(seed)
     xb = to_float(torch.from_numpy(np.repeat(x[None], n, 0)))
     out = augment(xb, cfg, gen)
-    return list((out.permute(0, 2, 3, 1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8))
+    return list((out.permute(0, 2, 3, 1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)), note
 
 
 if __name__ == "__main__":

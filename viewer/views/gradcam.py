@@ -6,7 +6,7 @@ import streamlit as st
 
 from model.errors import PcamLensError
 from viewer import components as ui
-from viewer import frame, state
+from viewer import frame, preds, state
 
 TARGETS = {"predicted class": None, "tumour": 1, "no tumour": 0}
 GALLERIES = {"top losses": "top_losses", "most confident correct": "confident_correct",
@@ -16,7 +16,7 @@ GALLERIES = {"top losses": "top_losses", "most confident correct": "confident_co
 def render(c) -> None:
     if not ui.need_run(c, "Grad-CAM") or not ui.need_source(c):
         return
-    layers = state.gradcam_layer_names(c.run_key)
+    layers = preds.gradcam_layer_names(c.run_key)
     a, b, d = st.columns(3)
     layer = a.selectbox("Layer", layers, index=0, key="g_layer",
                         format_func=lambda n: f"{n} (default)" if n == layers[0] else n,
@@ -46,13 +46,13 @@ def render(c) -> None:
     idx = [src.index_of(pid) for pid in pids]
     x = src.read_batch(idx)
     if len(pids) == 1 and sk is not None:
-        heats = [state.gradcam_heat(c.run_key, sk, pids[0], layer, t)]
+        heats = [preds.gradcam_heat(c.run_key, sk, pids[0], layer, t)]
     elif sk is not None:
-        heats = state.gradcam_heats(c.run_key, sk, tuple(pids), layer, t)
+        heats = preds.gradcam_heats(c.run_key, sk, tuple(pids), layer, t)
     else:
-        heats = state.gradcam_arrays(c.run_key, x, layer, t)
-    probs = (state.page_probs(c.run_key, sk, tuple(int(i) for i in idx)) if sk is not None
-             else state.predict_arrays(c.run_key, x))
+        heats = preds.gradcam_arrays(c.run_key, x, layer, t)
+    probs = (preds.page_probs(c.run_key, sk, tuple(int(i) for i in idx)) if sk is not None
+             else preds.predict_arrays(c.run_key, x))
     labels = [None if src.labels is None else int(src.labels[i]) for i in idx]
     for k in range(0, len(pids), 2):
         cols = st.columns(2)
@@ -61,26 +61,29 @@ def render(c) -> None:
                 a, b = st.columns(2)
                 a.image(ui.patch_image(x[j], labels[j], 288),
                         caption=ui.caption(pids[j], labels[j], probs[j], short=24))
-                b.image(ui.patch_image(state.overlay(x[j], heats[j], alpha), labels[j], 288),
+                b.image(ui.patch_image(preds.overlay(x[j], heats[j], alpha), labels[j], 288),
                         caption=f"Grad-CAM · {layer} · {target}")
 
 
 def _gallery_rows(c, which: str):
     from model.metrics import sample_sets
 
-    preds = state.best_predictions(c)
-    if preds is None or preds.df["label"].isna().all():
+    pset = preds.best_predictions(c)
+    if pset is None or pset.df["label"].isna().all():
         st.info("Galleries need labelled predictions: the run's validation predictions, or "
                 "predictions of a labelled source (Metrics page → all patches).")
         return None
-    if preds.source is None:
+    if pset.source is None:
         st.warning("The run's data cannot be opened here: choose it in the sidebar.")
         return None
-    st.caption(f"From {preds.origin}")
-    df = preds.df[preds.df["idx"] >= 0].dropna(subset=["label"])
+    st.caption(f"From {pset.origin}")
+    df = pset.df[pset.df["idx"] >= 0].dropna(subset=["label"])
+    if df.empty:
+        st.info("None of these predictions' patches can be read from here.")
+        return None
     sets = sample_sets(df[["id", "label", "prob", "loss"]], k=8)
-    sk = c.src_key if preds.source is c.source else None
-    return [(sk, preds.source, pid) for pid in sets[which]["id"]] or None
+    sk = c.src_key if pset.source is c.source else None
+    return [(sk, pset.source, pid) for pid in sets[which]["id"]] or None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import streamlit as st
 
 from model.errors import PcamLensError
 from viewer import components as ui
-from viewer import frame, state
+from viewer import frame, preds, state
 
 MAX_FILES = 200
 MAX_MB = 20
@@ -63,7 +63,7 @@ def _source_input(c, which: str, tta: int) -> None:
         def cb(done, total):
             bar.progress(done / max(total, 1), text=f"Predicting: {done:,} of {total:,}")
 
-        df = state.predict_source(c.run_key, sk, tta, cb)
+        df = preds.predict_source(c.run_key, sk, tta, cb)
         bar.empty()
         st.session_state["i_result"] = {
             "run_key": c.run_key, "what": src.describe_short(), "tta": tta, "sk": sk,
@@ -84,15 +84,15 @@ def _upload(c, tta: int) -> None:
     if st.button(f"Predict {len(files)} uploaded images", type="primary", key="i_go_up",
                  icon=":material/play_arrow:"):
         ids, pix, notes = _decode(files)
-        for n in notes:
-            st.warning(n)
         if not pix:
+            for n in notes:
+                st.warning(n)
             st.error("None of the uploaded files is a readable image.")
             return
         x = np.stack(pix)
         t0 = time.perf_counter()
         with st.spinner(f"Predicting {len(x)} patches..."):
-            probs = state.predict_arrays(c.run_key, x, tta)
+            probs = preds.predict_arrays(c.run_key, x, tta)
         df = pd.DataFrame({"id": ids, "label": np.nan, "prob": probs,
                            "idx": np.arange(len(ids))})
         st.session_state["i_result"] = {
@@ -139,6 +139,10 @@ def _results(res: dict) -> None:
     df = res["df"]
     st.divider()
     st.subheader(f"Results: {res['what']}")
+    for n in res["notes"][:20]:
+        st.warning(n)
+    if len(res["notes"]) > 20:
+        st.caption(f"... and {len(res['notes']) - 20} more notes.")
     n_pos = int((df["prob"] >= 0.5).sum())
     a, b, d = st.columns(3)
     a.metric("Patches", f"{len(df):,}")

@@ -25,18 +25,18 @@ def render(c) -> None:
 
     if not ui.need_run(c, "The metrics page"):
         return
-    preds = frame.predictions_picker(c, "m")
-    if preds is None:
+    pset = frame.predictions_picker(c, "m")
+    if pset is None:
         return
-    df = preds.df.dropna(subset=["label"])
-    st.caption(f"Predictions: {preds.origin}")
+    df = pset.df.dropna(subset=["label"])
+    st.caption(f"Predictions: {pset.origin}")
     if df.empty or df["label"].nunique() < 2:
         st.warning("These predictions need both classes (tumour and no tumour) for ROC AUC.")
         return
     y, p = df["label"].to_numpy(int), df["prob"].to_numpy(float)
     thr = st.slider("Threshold (tumour when p ≥ threshold)", 0.0, 1.0, 0.5, 0.01, key="m_thr")
     cm = confusion_at(y, p, thr)
-    auc, lo, hi = _auc_ci((preds.origin, len(df), float(p.sum())), y, p)
+    auc, lo, hi = _auc_ci((pset.origin, len(df), float(p.sum())), y, p)
     cols = st.columns(6)
     cols[0].metric("ROC AUC", f"{auc:.4f}", f"95% CI {lo:.4f}–{hi:.4f}", delta_color="off", delta_arrow="off")
     for col, k in zip(cols[1:], ("sensitivity", "specificity", "precision", "npv", "accuracy")):
@@ -51,10 +51,10 @@ def render(c) -> None:
                                  (fpr, cm["sensitivity"])), key="m_roc")
     prec = cm["precision"] if not np.isnan(cm["precision"]) else 1.0
     b.plotly_chart(ui.pr_figure(pr_points(y, p), (cm["sensitivity"], prec)), key="m_pr")
-    _cell(preds, df, thr, cm)
+    _cell(pset, df, thr, cm)
 
 
-def _cell(preds, df, thr: float, cm: dict) -> None:
+def _cell(pset, df, thr: float, cm: dict) -> None:
     st.subheader("Patches of one confusion cell")
     cell = st.segmented_control("Cell", list(CELLS), default="FN", key="m_cell",
                                 format_func=lambda k: f"{k} ({cm[k.lower()]})") or "FN"
@@ -64,7 +64,7 @@ def _cell(preds, df, thr: float, cm: dict) -> None:
     st.caption(f"{cell}: true {ui.label_text(true)}, predicted {ui.label_text(pred)} — "
                f"the {len(rows)} with the highest loss.")
     ui.legend()
-    frame.patch_rows_grid(preds, rows, "m_grid", n_cols=8, size=128)
+    frame.patch_rows_grid(pset, rows, "m_grid", n_cols=8, size=128)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import streamlit as st
 
 from model.errors import PcamLensError
 from viewer import components as ui
-from viewer import frame, state
+from viewer import frame, preds, state
 
 ORDERS = {"top_losses": "Top losses", "uncertain": "Most uncertain",
           "false_negatives_first": "False negatives first"}
@@ -46,31 +46,31 @@ def render(c) -> None:
         st.warning("Enter your name under **Review** in the sidebar to record decisions. It is "
                    "stored with each decision; it is a name, not authentication.",
                    icon=":material/badge:")
-    preds = frame.predictions_picker(c, "rv")
-    if preds is None:
+    pset = frame.predictions_picker(c, "rv")
+    if pset is None:
         return
-    if preds.source is None:
+    if pset.source is None:
         st.warning("The run's data cannot be opened here: choose it in the sidebar.")
         return
-    log = state.review_log(preds.source)
+    log = state.review_log(pset.source)
     order = st.segmented_control("Queue order", list(ORDERS), format_func=ORDERS.get,
                                  default="top_losses", key="rv_order") or "top_losses"
-    df = preds.df.dropna(subset=["label"])
+    df = pset.df.dropna(subset=["label"])
     queue, done, total = review_queue(df, order, log.reviewed_ids(run=c.run_name))
     st.progress(done / max(total, 1), text=f"{done:,} of {total:,} reviewed for run "
-                                           f"{c.run_name} · {preds.origin}")
+                                           f"{c.run_name} · {pset.origin}")
     for k, show in (("rv_saved", st.success), ("rv_error", st.error)):
         if k in st.session_state:
             show(st.session_state.pop(k))
     if queue.empty:
         st.success("Every patch of this queue has a decision.")
     else:
-        _item(c, preds, log, queue.iloc[0])
-    _export(log, preds)
+        _item(c, pset, log, queue.iloc[0])
+    _export(log, pset)
 
 
-def _item(c, preds, log, row) -> None:
-    src = preds.source
+def _item(c, pset, log, row) -> None:
+    src = pset.source
     pid, old = str(row["id"]), int(row["label"])
     x = src.read(int(row["idx"]))
     st.subheader(f"Patch {pid}")
@@ -78,13 +78,13 @@ def _item(c, preds, log, row) -> None:
     with left:
         show_cam = st.toggle("Grad-CAM", key="rv_cam")
         if show_cam:
-            layer = state.gradcam_layer_names(c.run_key)[0]
-            heat = (state.gradcam_heat(c.run_key, c.src_key, pid, layer, None)
-                    if src is c.source else state.gradcam_arrays(c.run_key, x[None], layer,
+            layer = preds.gradcam_layer_names(c.run_key)[0]
+            heat = (preds.gradcam_heat(c.run_key, c.src_key, pid, layer, None)
+                    if src is c.source else preds.gradcam_arrays(c.run_key, x[None], layer,
                                                                  None)[0])
             a, b = st.columns(2)
             a.image(ui.patch_image(x, old, 320), caption="patch")
-            b.image(ui.patch_image(state.overlay(x, heat, 0.45), old, 320),
+            b.image(ui.patch_image(preds.overlay(x, heat, 0.45), old, 320),
                     caption="Grad-CAM (predicted class)")
         else:
             st.image(ui.patch_image(x, old, 480), caption="Box = labelled centre 32×32")
@@ -120,7 +120,7 @@ def _item(c, preds, log, row) -> None:
                   width="stretch")
 
 
-def _export(log, preds) -> None:
+def _export(log, pset) -> None:
     st.divider()
     st.subheader("Decisions")
     stats = log.stats()
@@ -130,7 +130,7 @@ def _export(log, preds) -> None:
     st.download_button("Export reviewed labels (CSV)", labels.to_csv(index=False),
                        file_name="reviewed_labels.csv", mime="text/csv",
                        icon=":material/download:", disabled=labels.empty, key="rv_export")
-    spec = "synthetic" if preds.source.synthetic else str(preds.source.root)
+    spec = "synthetic" if pset.source.synthetic else str(pset.source.root)
     st.caption("Train with the reviewed labels (relabels applied, flagged patches dropped): "
                f"`python -m model.train --data {spec} --labels-from-review` (it reads this log).")
     hist = log.history()

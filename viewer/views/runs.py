@@ -16,9 +16,6 @@ METRIC_KEYS = ["auc", "auc_ci", "accuracy", "average_precision", "ece", "brier",
 
 
 def render(c) -> None:
-    missing = state.api()["missing"]
-    if missing:
-        st.caption("Not in model/ yet (the viewer uses stand-ins): " + ", ".join(missing))
     if not c.runs:
         ui.need_run(c, "This page")
         return

@@ -1,0 +1,281 @@
+"""Predictions and Grad-CAM for the pages, cached per run + checkpoint time + source.
+
+- the run's validation predictions (valid_predictions.csv) are there at once;
+- whole-source predictions are computed on demand: labelled data through model.evaluate (files
+  in <run>/eval/<data name>/, reused after a restart, also those made with the CLI), other
+  data in memory for this process;
+- Grad-CAM maps are st.cache_data'd per (run, checkpoint time, source, patch, layer, class).
+The model is shared read-only; inference and Grad-CAM run under one lock.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from model.errors import PcamLensError
+from viewer.state import Context, api, loaded, open_source_cached, run_csv, run_metrics
+
+MODEL_LOCK = threading.RLock()
+_MEMO_LOCK = threading.Lock()
+
+
+
+@dataclass
+class Predictions:
+    """Predictions of one run over some patches: df has id, label, prob, loss, pred, correct
+    and `idx` (the row in `source`, where the patch pixels are read; -1 when absent).
+    `token` identifies them for caches."""
+
+    df: pd.DataFrame
+    origin: str
+    source: object
+    whole_source: bool
+    token: tuple = ()
+    warning: str | None = None
+
+
+@st.cache_resource(show_spinner=False)
+def _memo_store() -> dict:
+    return {}
+
+
+def _memo(key: tuple, make, keep: int = 8):
+    """Process-wide memo of shared read-only objects (big frames are not copied per rerun,
+    unlike st.cache_data)."""
+    store = _memo_store()
+    with _MEMO_LOCK:
+        if key in store:
+            return store[key]
+    value = make()
+    with _MEMO_LOCK:
+        while len(store) >= keep:
+            store.pop(next(iter(store)))
+        store[key] = value
+    return value
+
+
+def _finish(df: pd.DataFrame, source, threshold: float = 0.5) -> pd.DataFrame:
+    from model.metrics import per_patch_losses
+
+    df = df.copy()
+    df["id"] = df["id"].astype(str)
+    lab = pd.to_numeric(df["label"], errors="coerce") if "label" in df else None
+    if lab is None or lab.isna().any():
+        df["label"] = lab if lab is not None else np.nan
+        df["loss"] = np.nan
+    else:
+        df["label"] = lab.astype(int)
+        if "loss" not in df:
+            df["loss"] = per_patch_losses(lab.to_numpy(), df["prob"].to_numpy())
+    df["pred"] = (df["prob"] >= threshold).astype(int)
+    df["correct"] = np.where(df["label"].isna(), np.nan, df["pred"] == df["label"])
+    df["idx"] = (pd.Index(source.ids).get_indexer(df["id"]) if source is not None
+                 else np.full(len(df), -1))
+    return df
+
+
+def same_data(cfg: dict, source) -> bool:
+    """True when `source` is the data the run was trained on (so its validation ids apply)."""
+    d = cfg.get("data", {})
+    if (d.get("split") or "train") != (source.split or "train"):
+        return False
+    if source.synthetic or d.get("synthetic"):
+        return bool(source.synthetic and d.get("synthetic")
+                    and d.get("seed", 0) == getattr(source, "seed", 0))
+    try:
+        return Path(str(d.get("path"))).resolve() == Path(str(source.describe()["path"])).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+@st.cache_resource(max_entries=2, show_spinner="Opening the run's data...")
+def _run_source(desc_json: str):
+    from model.sources import reopen_source
+
+    return reopen_source(json.loads(desc_json))
+
+
+def validation_predictions(c: Context) -> Predictions | None:
+    """The run's valid_predictions.csv, with pixels from the sidebar source when it is the
+    run's data, else from the run's data re-opened (None pixels when that fails)."""
+    from model.run import read_config
+
+    df = run_csv(c.run_dir, "valid_predictions.csv")
+    if df is None or not {"id", "prob"} <= set(df.columns):
+        return None
+    cfg = read_config(c.run_dir)
+    source = c.source if c.source is not None and same_data(cfg, c.source) else None
+    where, sk = "the chosen source", c.src_key
+    if source is None:
+        desc = json.dumps(cfg.get("data", {}), sort_keys=True)
+        sk = ("run-data", desc)
+        try:
+            source = _run_source(desc)
+            where = "the run's data (re-opened)"
+        except PcamLensError:
+            source, where = None, "nowhere (the run's data cannot be opened)"
+    token = ("valid", c.run_dir and str(c.run_dir), c.run_key, sk, len(df), float(df["prob"].sum()))
+    origin = f"validation split of run {c.run_name} ({len(df):,} patches; pixels from {where})"
+    return Predictions(_memo(token, lambda: _finish(df, source)), origin, source, False, token)
+
+
+def source_predictions(c: Context) -> Predictions | None:
+    """Whole-source predictions of the run: computed in this process, or evaluated earlier
+    (model.evaluate files in <run>/eval/<data name>/, also those made with the CLI)."""
+    if c.run_key is None or c.src_key is None:
+        return None
+    key = (c.run_key, c.src_key, 1)
+    df = _store().get(key)
+    if df is not None:
+        return Predictions(df, f"all {len(df):,} patches of {c.source.describe_short()} "
+                               f"(run {c.run_name})", c.source, True, ("source",) + key)
+    return evaluated_predictions(c)
+
+
+def _eval_dir(c: Context) -> Path | None:
+    ev = api()["evaluate"]
+    if ev is None or c.source is None or not c.source.labelled or c.src_key[1] != "train":
+        return None
+    return ev.default_out_dir(c.run_dir, c.src_key[0])
+
+
+def evaluated_predictions(c: Context) -> Predictions | None:
+    d = _eval_dir(c)
+    m = run_metrics(d) if d is not None else None
+    if not m or m.get("checkpoint_mtime") != c.run_key[2] or m.get("tta", 1) != 1:
+        return None
+    mine, theirs = c.source.describe(), m.get("data") or {}
+    if any(mine.get(k) != theirs.get(k) for k in ("kind", "path", "n", "seed")):
+        return None
+    df = run_csv(d, "predictions.csv")
+    if df is None or not {"id", "label", "prob"} <= set(df.columns):
+        return None
+    token = ("eval", str(d), (d / "predictions.csv").stat().st_mtime, c.src_key)
+    overlap = m.get("n_training_overlap") or 0
+    warning = (f"{overlap:,} of these patches were training patches of run {c.run_name}: "
+               "metrics on them are optimistic." if overlap else None)
+    return Predictions(_memo(token, lambda: _finish(df, c.source)),
+                       f"all {len(df):,} patches of {c.source.describe_short()}, evaluated "
+                       f"with run {c.run_name} (files in {d})", c.source, True, token, warning)
+
+
+@st.cache_resource(show_spinner=False)
+def _store() -> dict:
+    """Whole-source predictions computed in this process: (run_key, src_key, tta) -> df."""
+    return {}
+
+
+def predict_source(rk: tuple, sk: tuple, tta: int = 1, progress=None) -> pd.DataFrame:
+    """Predict every patch of a source (on demand: can take long); kept for this process."""
+    store = _store()
+    if (rk, sk, tta) in store:
+        return store[(rk, sk, tta)]
+    src = open_source_cached(sk)
+    with MODEL_LOCK:
+        probs = api()["inference"].predict_probs(loaded(rk), src, tta=tta, batch_size=128,
+                                                 progress=progress or False)
+    df = pd.DataFrame({"id": list(src.ids), "prob": np.asarray(probs, np.float64)})
+    df["label"] = src.labels if src.labels is not None else np.nan
+    df = _finish(df, src)
+    with _MEMO_LOCK:
+        while len(store) >= 6:
+            store.pop(next(iter(store)))
+        store[(rk, sk, tta)] = df
+    return df
+
+
+def compute_source_predictions(c: Context, progress=None) -> Predictions:
+    """Predict the whole sidebar source. Labelled data goes through model.evaluate, so the
+    predictions and metrics are also written to <run>/eval/<data name>/ and reused after a
+    restart; unlabelled data is predicted in memory."""
+    d = _eval_dir(c)
+    if d is not None:
+        api()["evaluate"].evaluate_run(c.run_dir, data=c.src_key[0], checkpoint=c.run_key[1],
+                                       progress=progress or False)
+        p = evaluated_predictions(c)
+        if p is not None:
+            return p
+    predict_source(c.run_key, c.src_key, 1, progress)
+    return source_predictions(c)
+
+
+def best_predictions(c: Context) -> Predictions | None:
+    """Whole-source predictions when computed, else the run's validation predictions."""
+    if c.run_dir is None or c.run_key is None:
+        return None
+    return source_predictions(c) or validation_predictions(c)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def page_probs(rk: tuple, sk: tuple, indices: tuple) -> np.ndarray:
+    """Predictions for just the patches on screen (cached per run, checkpoint time, source)."""
+    src = open_source_cached(sk)
+    return predict_arrays(rk, src.read_batch(list(indices)))
+
+
+def predict_arrays(rk: tuple, x: np.ndarray, tta: int = 1) -> np.ndarray:
+    with MODEL_LOCK:
+        return np.asarray(api()["inference"].predict_arrays(loaded(rk), x, tta), np.float64)
+
+
+def patch_table(c: Context) -> tuple[pd.DataFrame, Predictions | None]:
+    """One row per patch of the sidebar source (index = row in the source): id, label, and
+    prob/loss/pred/correct where predictions exist. Shared, read-only: filter, don't modify."""
+    preds = best_predictions(c)
+    usable = preds is not None and (preds.whole_source or preds.source is c.source)
+    src = c.source
+
+    def make() -> pd.DataFrame:
+        t = pd.DataFrame({"id": src.ids})
+        t["label"] = src.labels if src.labels is not None else np.nan
+        if usable:
+            p = preds.df[preds.df["idx"] >= 0].set_index("idx")
+            for col in ("prob", "loss", "pred", "correct"):
+                t[col] = p[col].reindex(t.index)
+        else:
+            for col in ("prob", "loss", "pred", "correct"):
+                t[col] = np.nan
+        return t
+
+    return _memo(("table", c.src_key, preds.token if usable else None), make), preds
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def gradcam_layer_names(rk: tuple) -> list[str]:
+    with MODEL_LOCK:
+        return list(api()["gradcam"].gradcam_layers(loaded(rk)))
+
+
+@st.cache_data(max_entries=64, show_spinner="Computing Grad-CAM...")
+def gradcam_heats(rk: tuple, sk: tuple, patch_ids: tuple, layer: str, target: int | None
+                  ) -> np.ndarray:
+    """Heat maps [n,96,96] of a gallery of patches, computed in one batch."""
+    src = open_source_cached(sk)
+    x = src.read_batch([src.index_of(pid) for pid in patch_ids])
+    return gradcam_arrays(rk, x, layer, target)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def gradcam_heat(rk: tuple, sk: tuple, patch_id: str, layer: str, target: int | None
+                 ) -> np.ndarray:
+    """Heat map [96,96] in 0..1 of one patch of a source (cached per run, checkpoint time,
+    source, patch, layer and class)."""
+    src = open_source_cached(sk)
+    x = src.read_batch([src.index_of(patch_id)])
+    return gradcam_arrays(rk, x, layer, target)[0]
+
+
+def gradcam_arrays(rk: tuple, x: np.ndarray, layer: str, target: int | None) -> np.ndarray:
+    with MODEL_LOCK:
+        return np.asarray(api()["gradcam"].gradcam(loaded(rk), x, layer=layer, target=target),
+                          np.float32)
+
+
+def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    return api()["gradcam"].overlay(rgb, heat, alpha)
