@@ -13,6 +13,12 @@ written atomically: an interrupted prediction leaves no partial CSV behind.
 --shard RANK/WORLD predicts the RANK-th of WORLD contiguous slices and writes a part file with
 an extra `index` column; --merge checks that the parts cover every patch of --data exactly once
 and writes the submission in source order.
+
+Under torchrun without --shard, the same happens in one command: rank r predicts shard
+r/WORLD into a part file beside --out, and rank 0 merges the parts into the submission
+(every id exactly once, source order) and removes them:
+
+    torchrun --standalone --nproc_per_node=4 -m model.predict runs/<name> --data DATA --out s.csv
 """
 from __future__ import annotations
 
@@ -206,6 +212,12 @@ def run(args) -> str:
     if args.run_dir is None:
         raise RunError("RUN_DIR is required to predict.",
                        fix="python -m model.predict runs/<name> --data PATH")
+    if not args.shard:
+        from model.distributed import env_dist
+
+        d = env_dist()
+        if d is not None and d.enabled:
+            return run_torchrun(args)
     shard = parse_shard(args.shard) if args.shard else None
     loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
                                         batch_size=args.batch_size, checkpoint=args.checkpoint,
@@ -214,7 +226,11 @@ def run(args) -> str:
     out = args.out or default_out(args.run_dir, args.data, shard)
     write_csv(out, df)
     extra = f" (shard {shard[0]}/{shard[1]} of {len(source)})" if shard else ""
-    msg = _summary(df, out, extra)
+    return _summary(df, out, extra) + _notes(loaded, source)
+
+
+def _notes(loaded, source) -> str:
+    msg = ""
     if loaded.synthetic or source.synthetic:
         msg += ("\nSYNTHETIC: " + ("the run was trained on the built-in synthetic set"
                                    if loaded.synthetic else "the data is synthetic")
@@ -224,10 +240,46 @@ def run(args) -> str:
     return msg
 
 
+def _part_path(out: Path, rank: int, world: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.part{rank}of{world}{out.suffix}")
+
+
+def run_torchrun(args) -> str:
+    """One rank of a torchrun job: predict shard RANK/WORLD into a part file beside the output;
+    rank 0 then merges every part (merge_parts checks each id is there exactly once), writes
+    the submission and removes the parts. Returns the summary on rank 0, "" elsewhere."""
+    from model import distributed
+    from model.atomic import write_csv
+
+    d = distributed.init("cpu", backend="gloo")  # the processes only meet at barriers
+    try:
+        out = args.out or default_out(args.run_dir, args.data)
+        loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
+                                            batch_size=args.batch_size,
+                                            checkpoint=args.checkpoint, shard=(d.rank, d.world),
+                                            precision=args.precision,
+                                            progress=d.is_main and not args.no_progress)
+        write_csv(_part_path(out, d.rank, d.world), df)
+        d.barrier()  # every part is written
+        if not d.is_main:
+            return ""
+        parts = [_part_path(out, r, d.world) for r in range(d.world)]
+        merged = merge_parts(parts, source)
+        write_csv(out, merged)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        return _summary(merged, out, f" ({d.world} processes)") + _notes(loaded, source)
+    finally:
+        distributed.shutdown(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        print(run(args))
+        msg = run(args)
+        if msg:
+            print(msg)
     except PcamLensError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

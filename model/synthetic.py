@@ -17,7 +17,7 @@ import numpy as np
 
 from model.sources import CENTRE, PATCH, PCAM_CLASSES, PatchSource
 
-DEFAULT_N = 2000
+DEFAULT_N = 5000  # enough that a pretrained net does not just memorise (1,600 overfit)
 P_POSITIVE = 0.45  # share of positives
 P_RIM = 0.30  # share of negatives whose tumour cells lie only in the rim
 _LO = (PATCH - CENTRE) // 2  # centre box is [_LO, _HI) in both axes

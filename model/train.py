@@ -26,7 +26,7 @@ from model.errors import DataError, PcamLensError, RunError
 # Epochs and learning rates per preset. "quick" is tuned for a CPU demo, "standard" for a real
 # data set of a few thousand patches, "long" for the full 220k Kaggle set on a GPU.
 PRESETS = {
-    "quick": dict(frozen_epochs=1, epochs=4, lr=2e-3, wd=0.01, bs=64),
+    "quick": dict(frozen_epochs=2, epochs=2, lr=2e-3, wd=0.01, bs=64),
     "standard": dict(frozen_epochs=2, epochs=8, lr=1.5e-3, wd=0.01, bs=64),
     "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128),
 }
@@ -64,8 +64,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--pretrained", choices=["auto", "pip", "hub"], default="auto",
                    help="weight source: auto = pip package when one exists, else the hub")
     m.add_argument("--no-pretrained", action="store_true", help="train from scratch")
-    m.add_argument("--size", type=int, default=96, help="network input side (e.g. 192, 224)")
-    m.add_argument("--crop", type=int, default=96, help="centre crop before resizing")
+    m.add_argument("--size", type=int,
+                   help="network input side after the crop (default: the crop size; e.g. 192 "
+                        "upsamples for ImageNet-scale features)")
+    m.add_argument("--crop", type=int, default=64,
+                   help="centre crop before resizing (default 64: the labelled centre 32x32 "
+                        "with 16 px of context each side, 2.25x cheaper than 96)")
     m.add_argument("--norm", choices=["weights", "imagenet", "dataset"], default="weights",
                    help="normalisation statistics")
     t = p.add_argument_group("training")
@@ -240,7 +244,7 @@ def prepare_new(args, log) -> Prepared:
                  "train_ids_file": "train_ids.csv"},
         "split": split.describe(),
         "_arch": args.arch, "_pretrained": None if args.no_pretrained else args.pretrained,
-        "_input": dict(size=args.size, crop=args.crop, norm=args.norm),
+        "_input": dict(size=args.size or args.crop, crop=args.crop, norm=args.norm),
     })
     return Prepared(Path(run_dir), cfg, train_src, valid_src, train_src.labels,
                     valid_src.labels)
@@ -502,7 +506,8 @@ def _run_device(args) -> str:
     if args.resume:
         from model.run import read_config
 
-        return read_config(args.resume)["train"]["device"]
+        # a config without it fails with a clear RunError in prepare_resume
+        return (read_config(args.resume).get("train") or {}).get("device") or "cpu"
     return resolve_device(args.device)
 
 
