@@ -151,3 +151,17 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def marked_read_only(folder: str | os.PathLike) -> bool:
+    """True when `folder` (or its nearest existing parent) has no write bit for anyone.
+
+    Root can write there anyway; we still treat such a folder as read-only, so that running as
+    root never drops review logs or packs into a data set someone deliberately made read-only."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return not (p.stat().st_mode & 0o222)
+    except OSError:
+        return True

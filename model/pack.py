@@ -100,6 +100,10 @@ def fallback_pack_dir(root: Path, split: str) -> Path:
 def _writable(folder: Path) -> bool:
     """Can we create files in `folder` (creating it first if needed)? A real probe, because
     os.access says yes to root on read-only mounts."""
+    from model.atomic import marked_read_only
+
+    if marked_read_only(folder):
+        return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".pcam-lens-probe-", dir=folder)

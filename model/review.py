@@ -130,9 +130,11 @@ def _dir_is_writable(data_dir: Path) -> bool:
     This really creates (and removes) a probe file: `os.access` is wrong for root, for ACLs
     and for some network file systems. SQLite also needs to create `-wal`/`-shm` files next
     to the log, so the folder must be writable, not just the log file."""
+    from model.atomic import marked_read_only
+
     sub = data_dir / DATA_SUBDIR
     target = sub if sub.exists() else data_dir
-    if not target.is_dir():
+    if not target.is_dir() or marked_read_only(data_dir):
         return False
     log = sub / LOG_NAME
     if log.exists() and not os.access(log, os.R_OK | os.W_OK):

@@ -91,8 +91,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-dir", type=Path, help="default: runs/<time>-<arch>-<data>")
     o.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its last completed epoch")
-    o.add_argument("--export-pkl", action="store_true",
-                   help="also write fastai's export.pkl (pickle; for fastai compatibility only)")
     return p
 
 
@@ -438,7 +436,7 @@ def fit_phases(learn, cfg: dict, p: Prepared, batch_tfm, sampler, state: dict, l
         learn.fit_one_cycle(n_epochs, lr_max, wd=t["wd"], cbs=cbs, start_epoch=done_in_phase)
 
 
-def finish(learn, cfg: dict, p: Prepared, state: dict, log, export_pkl: bool) -> dict:
+def finish(learn, cfg: dict, p: Prepared, state: dict, log) -> dict:
     from model.atomic import write_json
     from model.metrics import summary
 
@@ -451,14 +449,6 @@ def finish(learn, cfg: dict, p: Prepared, state: dict, log, export_pkl: bool) ->
                {"status": "complete", "epochs_done": state["epochs_done"],
                 "epochs_total": state["epochs_total"], "best_auc": state["best_auc"],
                 "best_epoch": state["best_epoch"], "updated": time.time()})
-    if export_pkl:  # fastai writes the file itself: export beside it, then rename (atomic)
-        tmp = p.run_dir / f".export.pkl.{os.urandom(4).hex()}.tmp"
-        try:
-            learn.export(tmp)
-            os.replace(tmp, p.run_dir / "export.pkl")
-        finally:
-            tmp.unlink(missing_ok=True)
-        log("Wrote export.pkl (pickle: load it only with load_learner on a trusted machine).")
     return metrics
 
 
@@ -584,7 +574,7 @@ def _train(args, log, dist) -> Path:
     if not dist.is_main:
         dist.barrier()  # until rank 0 has written metrics.json
         return p.run_dir
-    metrics = finish(learn, cfg, p, state, log, args.export_pkl)
+    metrics = finish(learn, cfg, p, state, log)
     shutil_rmtree(p.run_dir / ".tmp")
     dist.barrier()
     tag = " [SYNTHETIC data]" if metrics.get("synthetic") else ""
