@@ -196,13 +196,13 @@ class GpuUtilisation:
     def _read(self) -> float | None:
         import torch
 
-        if self.how in (None, "torch"):
+        if self.how in (None, "torch.cuda.utilization"):
             try:
                 v = float(torch.cuda.utilization(self.index))
                 self.how = "torch.cuda.utilization"
                 return v
-            except Exception:
-                if self.how == "torch.cuda.utilization":
+            except Exception:  # no pynvml / NVML: try nvidia-smi
+                if self.how is not None:
                     return None
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu",

@@ -62,7 +62,11 @@ class Dist:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if torch.distributed.get_backend() == "nccl":  # NCCL wants this rank's GPU named
+            torch.distributed.barrier(device_ids=[torch.cuda.current_device()])
+        else:
             torch.distributed.barrier()
 
     def broadcast(self, obj):

@@ -3,6 +3,9 @@
     python -m model.train                       # built-in synthetic set, a few minutes on CPU
     python -m model.train --data ../shared/data/pcam-sample --preset standard
     python -m model.train --resume runs/<name>  # continue an interrupted run
+    torchrun --standalone --nproc_per_node=4 -m model.train --data DATA   # data-parallel:
+        # one process per GPU (or CPU share), --bs is the global batch, rank 0 writes the
+        # same run directory as one process would (see model/distributed.py)
 
 Schedule (fastai): optional lr_find, fit_one_cycle with the body frozen (head only), then
 fit_one_cycle unfrozen with discriminative learning rates. Every epoch is checkpointed, so a
@@ -26,9 +29,9 @@ from model.errors import DataError, PcamLensError, RunError
 # Epochs and learning rates per preset. "quick" is tuned for a CPU demo, "standard" for a real
 # data set of a few thousand patches, "long" for the full 220k Kaggle set on a GPU.
 PRESETS = {
-    "quick": dict(frozen_epochs=2, epochs=2, lr=2e-3, wd=0.01, bs=64),
-    "standard": dict(frozen_epochs=2, epochs=8, lr=1.5e-3, wd=0.01, bs=64),
-    "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128),
+    "quick": dict(frozen_epochs=2, epochs=2, lr=2e-3, wd=0.01, bs=64, crop=64),
+    "standard": dict(frozen_epochs=1, epochs=6, lr=3e-3, wd=0.01, bs=64, crop=96),
+    "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128, crop=96),
 }
 LR_FIND_ITERS = 40
 
@@ -67,9 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--size", type=int,
                    help="network input side after the crop (default: the crop size; e.g. 192 "
                         "upsamples for ImageNet-scale features)")
-    m.add_argument("--crop", type=int, default=64,
-                   help="centre crop before resizing (default 64: the labelled centre 32x32 "
-                        "with 16 px of context each side, 2.25x cheaper than 96)")
+    m.add_argument("--crop", type=int,
+                   help="centre crop before resizing (default: the preset's; quick uses 64 = "
+                        "the labelled centre 32x32 with 16 px of context, 2.25x cheaper than 96)")
     m.add_argument("--norm", choices=["weights", "imagenet", "dataset"], default="weights",
                    help="normalisation statistics")
     t = p.add_argument_group("training")
@@ -232,6 +235,7 @@ def prepare_new(args, log) -> Prepared:
     review = None
     if args.labels_from_review:
         source, review = _apply_review(source, args.labels_from_review, log)
+    crop = args.crop or PRESETS[args.preset]["crop"]
     split = make_split(source, args.valid_pct, args.seed, args.valid_ids,
                        "auto" if args.split == "auto" else args.split)
     train_src, valid_src = source.subset(split.train_idx), source.subset(split.valid_idx)
@@ -242,7 +246,7 @@ def prepare_new(args, log) -> Prepared:
                  "train_ids_file": "train_ids.csv"},
         "split": split.describe(),
         "_arch": args.arch, "_pretrained": None if args.no_pretrained else args.pretrained,
-        "_input": dict(size=args.size or args.crop, crop=args.crop, norm=args.norm),
+        "_input": dict(size=args.size or crop, crop=crop, norm=args.norm),
     })
     return Prepared(Path(run_dir), cfg, train_src, valid_src, train_src.labels,
                     valid_src.labels)

@@ -1,0 +1,292 @@
+"""The viewer in a real browser: `streamlit run viewer/app.py` driven by Playwright + Chromium.
+
+What AppTest (tests/test_viewer_apptest.py) cannot show: the app started the way a user starts
+it — `streamlit run viewer/app.py` from the repository root, which puts only viewer/ on
+sys.path, so the app itself must make `model` importable (the server gets no PYTHONPATH) —
+renders every page in Chromium without an exception, the Browse detail dialog opens, and a
+review decision clicked in the browser lands in the SQLite review log.
+
+Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium`; Playwright's own
+browser download is not used). Without it the test skips, or fails when
+PCAM_LENS_REQUIRE_BROWSER is set (CI sets it). One screenshot per page goes to
+tests/_artifacts/browser/ (git-ignored). PCAM_LENS_HOME / PCAM_LENS_RUNS point into tmp dirs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "_artifacts" / "browser"
+CHROMIUM = Path(os.environ.get("PCAM_LENS_CHROMIUM", "/usr/bin/chromium"))
+# (sidebar label, page title (h1), screenshot name)
+PAGES = [("Browse", "Browse patches", "browse"), ("Dataset", "Dataset", "dataset"),
+         ("Runs", "Runs", "runs"), ("Metrics", "Metrics", "metrics"),
+         ("Grad-CAM", "Grad-CAM", "gradcam"), ("Review", "Review", "review"),
+         ("Inference", "Inference", "inference")]
+TINY_ARGS = ["--no-pretrained", "--arch", "resnet18", "--data", "synthetic:n=96", "--no-checks",
+             "--no-lr-find", "--frozen-epochs", "0", "--epochs", "1", "--bs", "32",
+             "--seed", "0", "--workers", "0"]
+START_TIMEOUT_S = 90  # server health endpoint
+PAGE_TIMEOUT_S = 90  # one page (first visits load torch, the model, Grad-CAM)
+QUIET_MS = 600  # the app must stay idle this long to count as rendered
+REVIEWER = "Dr Browser"
+
+
+def _required() -> bool:
+    return os.environ.get("PCAM_LENS_REQUIRE_BROWSER", "").strip().lower() not in (
+        "", "0", "false", "no")
+
+
+def _unavailable(reason: str):
+    if _required():
+        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        _unavailable(f"the playwright package cannot be imported ({e}); "
+                     "pip install -r requirements.txt")
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    return sync_playwright
+
+
+def build_tiny_run(runs: Path) -> Path:
+    """`runs/tiny`: resnet18 from scratch, one epoch on 96 synthetic patches (the numbers mean
+    nothing; ~20 s on 2 busy cores, most of it importing fastai)."""
+    from model.train import main
+
+    rc = main([*TINY_ARGS, "--run-dir", str(runs / "tiny")])
+    assert rc == 0, f"training the tiny run failed (exit {rc})"
+    return runs / "tiny"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, home: Path):
+        self.proc, self.url, self.log, self.home = proc, url, log, home
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no server log)"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sync_playwright):
+    """`streamlit run viewer/app.py` from the repository root on a free port, with a tiny
+    trained run in its runs folder (trained while the server starts); always stopped."""
+    tmp = tmp_path_factory.mktemp("browser-server")
+    home, runs_dir = tmp / "home", tmp / "runs"
+    home.mkdir()
+    runs_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the app must find model/
+    env.update(PCAM_LENS_HOME=str(home), PCAM_LENS_RUNS=str(runs_dir),
+               PYTHONWARNINGS="ignore", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    port = _free_port()
+    log = tmp / "streamlit.log"
+    cmd = [sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.port", str(port),
+           "--server.headless", "true", "--server.fileWatcherType", "none"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(proc, f"http://127.0.0.1:{port}", log, home)
+    try:
+        t0 = time.perf_counter()
+        build_tiny_run(runs_dir)
+        t_train = time.perf_counter() - t0
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with code {proc.returncode} before serving:\n"
+                            f"{srv.log_tail()}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{srv.url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit not healthy after {START_TIMEOUT_S} s:\n"
+                            f"{srv.log_tail()}", pytrace=False)
+            time.sleep(0.25)  # polling the health endpoint, nothing to wait on
+        print(f"\ntiny run trained in {t_train:.1f} s; server healthy "
+              f"{time.perf_counter() - t0 - t_train:.1f} s later")
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def page(sync_playwright, server):
+    """One browser tab on the app, shared by the tests of this module (one Streamlit session)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+            tab.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+            tab.goto(server.url + "/")
+            print(f"first page (Browse) rendered in "
+                  f"{wait_rendered(tab, server, 'Browse patches'):.1f} s")
+            yield tab
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+# True once the app has finished a run: connected, script not running, no "Running..." status
+# widget, spinner or stale element, and (if given) the expected page title shown; it must stay
+# so for QUIET_MS, because a page may rerun itself (st.rerun, fragments, dialogs).
+IDLE_JS = """([title, quietMs]) => {
+  const app = document.querySelector("[data-testid='stApp']");
+  const idle = app && app.dataset.testConnectionState === "CONNECTED"
+    && app.dataset.testScriptState === "notRunning"
+    && !document.querySelector("[data-testid='stStatusWidget'], [data-testid='stSpinner'], "
+                               + "[data-testid='stSkeleton'], [data-stale='true']")
+    && (!title || [...document.querySelectorAll("[data-testid='stMain'] h1")]
+                  .some(h => h.textContent.trim() === title));
+  if (!idle) { window.__pcamQuiet = null; return false; }
+  window.__pcamQuiet = window.__pcamQuiet || performance.now();
+  return performance.now() - window.__pcamQuiet >= quietMs;
+}"""
+
+
+def wait_rendered(tab, server: Server, title: str | None = None) -> float:
+    """Seconds until the app has finished rendering (see IDLE_JS)."""
+    t0 = time.perf_counter()
+    tab.evaluate("window.__pcamQuiet = null")
+    try:
+        tab.wait_for_function(IDLE_JS, arg=[title, QUIET_MS], polling=100,
+                              timeout=PAGE_TIMEOUT_S * 1000)
+    except Exception as e:  # playwright TimeoutError: say what the page showed
+        shot = ARTIFACTS / "timeout.png"
+        tab.screenshot(path=str(shot), full_page=True)
+        pytest.fail(f"the app did not finish rendering {title or 'the page'!r} within "
+                    f"{PAGE_TIMEOUT_S} s ({type(e).__name__}); screenshot {shot}\n"
+                    f"page text: {_main_text(tab)[:1500]}\nserver log:\n{server.log_tail()}",
+                    pytrace=False)
+    return time.perf_counter() - t0 - QUIET_MS / 1000
+
+
+def _main_text(tab) -> str:
+    # textContent, not innerText: also the text in collapsed expanders (folded tracebacks)
+    return tab.evaluate("document.querySelector(\"[data-testid='stApp']\")?.textContent || ''")
+
+
+def assert_no_error(tab, server: Server, where: str) -> None:
+    n_exc = tab.locator("[data-testid='stException']").count()
+    text = _main_text(tab)
+    bad = [m for m in ("Traceback", "Unexpected error (", "No module named") if m in text]
+    assert n_exc == 0 and not bad, (
+        f"{where}: {n_exc} stException element(s), markers {bad}\n{text[:3000]}\n"
+        f"server log:\n{server.log_tail()}")
+
+
+def goto(tab, server: Server, label: str, title: str) -> float:
+    """Click `label` in the sidebar navigation and wait for the page to render."""
+    nav = tab.locator("[data-testid='stSidebarNav'] a[data-testid='stSidebarNavLink']",
+                      has_text=label)
+    nav.first.click()
+    seconds = wait_rendered(tab, server, title)
+    assert_no_error(tab, server, label)
+    return seconds
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_every_page_renders_in_chromium(page, server):
+    # app.py imported model/ (no PYTHONPATH in the server's env): model.run listed the run,
+    # model.sources opened the synthetic set
+    assert_no_error(page, server, "first load")
+    run = page.locator("[data-testid='stSidebar'] input[aria-label='Run']").input_value()
+    assert run.startswith("tiny · complete"), run
+    assert "Run: tiny" in page.locator("[data-testid='stMain']").inner_text()
+    times = {}
+    for label, title, name in [*PAGES[1:], PAGES[0]]:  # the app opens on Browse: end there
+        times[label] = goto(page, server, label, title)
+        assert page.locator("[data-testid='stMain'] h1").first.inner_text().strip() == title
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    assert {n for _, _, n in PAGES} <= {p.stem for p in ARTIFACTS.glob("*.png")}
+    print("render times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    assert "Traceback" not in server.log_tail(200_000), server.log_tail()
+
+
+def test_browse_detail_shows_the_patch(page, server):
+    goto(page, server, "Browse", "Browse patches")
+    card = page.locator("[data-testid='stMain'] [data-testid='stImageCaption']").first
+    pid = card.inner_text().split(" · ")[0].strip().rstrip("…")  # "<id> · <label> · p=..."
+    assert pid, card.inner_text()
+    page.locator("[data-testid='stMain'] button", has_text="details").first.click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for(state="visible")
+    wait_rendered(page, server, "Browse patches")
+    assert_no_error(page, server, "Browse detail")
+    text = dialog.inner_text()
+    assert pid in text and "Augmentation preview" in text, text
+    assert dialog.locator("img").count() >= 3  # patch, Grad-CAM, augmentations
+    page.screenshot(path=str(ARTIFACTS / "browse-detail.png"))
+    page.keyboard.press("Escape")
+    dialog.wait_for(state="hidden")
+
+
+def test_review_decision_reaches_the_log(page, server, monkeypatch):
+    from model.review import ReviewLog, default_log_path
+
+    goto(page, server, "Review", "Review")
+    name = page.locator("[data-testid='stSidebar'] input[aria-label='Reviewer name']")
+    if name.input_value() != REVIEWER:
+        name.fill(REVIEWER)
+        name.press("Enter")
+        page.locator("[data-testid='stMain']").get_by_text(
+            f"Recording as {REVIEWER}").wait_for()
+        wait_rendered(page, server, "Review")
+    heading = page.locator("[data-testid='stMain'] h3", has_text="Patch ").first
+    pid = heading.inner_text().strip().removeprefix("Patch ").strip()
+    confirm = page.get_by_role("button", name="Confirm label")
+    assert confirm.is_enabled()
+    confirm.click()
+    page.get_by_text("Saved decision #").wait_for()
+    wait_rendered(page, server, "Review")
+    assert_no_error(page, server, "Review after Confirm")
+    assert heading.inner_text().strip() != f"Patch {pid}"  # the queue moved on
+    page.screenshot(path=str(ARTIFACTS / "review-decided.png"), full_page=True)
+
+    monkeypatch.setenv("PCAM_LENS_HOME", str(server.home))  # the synthetic set's fallback log
+    log_path = default_log_path(None)
+    assert log_path.is_relative_to(server.home), log_path
+    hist = ReviewLog(log_path).history()
+    assert len(hist) == 1, hist
+    row = hist.iloc[0]
+    assert (row["reviewer"], row["action"], row["run"], row["patch_id"]) == (
+        REVIEWER, "confirm", "tiny", pid)
+
