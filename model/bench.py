@@ -16,8 +16,10 @@ Rows (each: ours, stock, ratio = ours/stock; for ms/patch lower is better):
   read_h5       patches/s  PcamH5Source.read_batch          | (same stock: fastai reads files)
   read_packed   patches/s  packed cache (memmap) read_batch | (same stock)
   train[:ARCH]  img/s      model.train.make_learner: packed cache -> uint8 batches -> on-device
-                           augmentation + normalisation (BatchTransform) -> bf16 autocast when
-                           supported, channels_last                  | ImageDataLoaders.from_df
+                           augmentation + normalisation (BatchTransform) -> model.train's
+                           precision (bf16 autocast on CUDA; fp32 on CPU, where bf16 training
+                           is slower; --precision overrides), channels_last, whole 96 px patch
+                           (--crop 96)               | ImageDataLoaders.from_df
                            + aug_transforms(flip_vert=True, max_warp=0) + Normalize,
                            vision_learner(pretrained=False), fp32
   infer         patches/s  files -> probabilities: model.inference.predict_probs | learn.get_preds(

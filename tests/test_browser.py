@@ -246,7 +246,7 @@ def test_browse_detail_shows_the_patch(page, server):
     card = page.locator("[data-testid='stMain'] [data-testid='stImageCaption']").first
     pid = card.inner_text().split(" · ")[0].strip().rstrip("…")  # "<id> · <label> · p=..."
     assert pid, card.inner_text()
-    page.locator("[data-testid='stMain'] button", has_text="details").first.click()
+    page.locator("[data-testid='stMain']").get_by_role("button", name="details").first.click()
     dialog = page.get_by_role("dialog")
     dialog.wait_for(state="visible")
     wait_rendered(page, server, "Browse patches")
