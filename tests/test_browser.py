@@ -47,10 +47,24 @@ def _required() -> bool:
         "", "0", "false", "no")
 
 
-def _unavailable(reason: str):
-    if _required():
-        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {reason}", pytrace=False)
-    pytest.skip(reason)
+def _missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as e:
+        return f"the playwright package cannot be imported ({e}); pip install -r requirements.txt"
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        return f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"
+    return None
+
+
+def test_browser_is_available():
+    """Fails (not skips) without Chromium/Playwright when PCAM_LENS_REQUIRE_BROWSER is set."""
+    why = _missing()
+    if why and _required():
+        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -58,13 +72,13 @@ def _unavailable(reason: str):
 
 @pytest.fixture(scope="module")
 def sync_playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as e:
-        _unavailable(f"the playwright package cannot be imported ({e}); "
-                     "pip install -r requirements.txt")
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    why = _missing()
+    if why and _required():
+        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
     return sync_playwright
 
 
@@ -211,6 +225,23 @@ def assert_no_error(tab, server: Server, where: str) -> None:
         f"server log:\n{server.log_tail()}")
 
 
+def screenshot(tab, name: str) -> Path:
+    """The whole page into ARTIFACTS/<name>.png. Streamlit scrolls inside stMain, so the
+    window is made as tall as the content for the shot (at most 4000 px), then restored."""
+    path = ARTIFACTS / f"{name}.png"
+    size = tab.viewport_size
+    tall = tab.evaluate("Math.max(...[...document.querySelectorAll(\"[data-testid='stMain'], "
+                        "[data-testid='stMain'] > *\")].map(e => e.scrollHeight))")
+    tab.set_viewport_size({"width": size["width"], "height": max(size["height"],
+                                                                 min(int(tall), 4000))})
+    try:
+        tab.screenshot(path=str(path), animations="disabled")
+    finally:
+        tab.set_viewport_size(size)
+    assert path.stat().st_size > 0
+    return path
+
+
 def goto(tab, server: Server, label: str, title: str) -> float:
     """Click `label` in the sidebar navigation and wait for the page to render."""
     nav = tab.locator("[data-testid='stSidebarNav'] a[data-testid='stSidebarNavLink']",
@@ -235,8 +266,7 @@ def test_every_page_renders_in_chromium(page, server):
     for label, title, name in [*PAGES[1:], PAGES[0]]:  # the app opens on Browse: end there
         times[label] = goto(page, server, label, title)
         assert page.locator("[data-testid='stMain'] h1").first.inner_text().strip() == title
-        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-    assert {n for _, _, n in PAGES} <= {p.stem for p in ARTIFACTS.glob("*.png")}
+        screenshot(page, name)
     print("render times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     assert "Traceback" not in server.log_tail(200_000), server.log_tail()
 
@@ -254,7 +284,7 @@ def test_browse_detail_shows_the_patch(page, server):
     text = dialog.inner_text()
     assert pid in text and "Augmentation preview" in text, text
     assert dialog.locator("img").count() >= 3  # patch, Grad-CAM, augmentations
-    page.screenshot(path=str(ARTIFACTS / "browse-detail.png"))
+    page.screenshot(path=str(ARTIFACTS / "browse-detail.png"))  # the dialog is fixed size
     page.keyboard.press("Escape")
     dialog.wait_for(state="hidden")
 
@@ -279,7 +309,7 @@ def test_review_decision_reaches_the_log(page, server, monkeypatch):
     wait_rendered(page, server, "Review")
     assert_no_error(page, server, "Review after Confirm")
     assert heading.inner_text().strip() != f"Patch {pid}"  # the queue moved on
-    page.screenshot(path=str(ARTIFACTS / "review-decided.png"), full_page=True)
+    screenshot(page, "review-decided")
 
     monkeypatch.setenv("PCAM_LENS_HOME", str(server.home))  # the synthetic set's fallback log
     log_path = default_log_path(None)
