@@ -308,7 +308,10 @@ def prepare_data(spec: str, n: int, root: Path) -> BenchData:
             shutil.copyfile(source.path_of(int(i)), dst)  # the real files, byte for byte
         else:
             Image.fromarray(x[k]).save(dst, format="TIFF")  # uncompressed, like Kaggle's
-    pd.DataFrame({"id": ids, "label": labels}).to_csv(kaggle / "train_labels.csv", index=False)
+    from model.atomic import write_csv
+
+    write_csv(kaggle / "train_labels.csv", pd.DataFrame({"id": ids, "label": labels}),
+              fsync=False)  # a scratch copy in a temp dir; atomic like every other write
     h5 = write_h5(x, labels, root / "h5")
     packed, _ = pack(kaggle, "train", out=root / "packs", progress=False, workers=2)
     origin = "synthetic (generated, written as .tif)" if source.synthetic else str(

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from model import synthetic
 from model.synthetic import SyntheticSource, make_patch
 
 N = 500
@@ -46,7 +47,7 @@ def test_rim_only_negatives_exist(patches):
 
 def test_balance_and_metadata():
     src = SyntheticSource()
-    assert len(src) == 2000 and src.labels.dtype == np.int64
+    assert len(src) == synthetic.DEFAULT_N and src.labels.dtype == np.int64
     assert 0.35 <= src.labels.mean() <= 0.6
     assert src.ids[5] == "synth-0-00005" and src.synthetic and src.root is None
     assert src.classes == ["no tumour", "tumour"] and src.split == "train"
