@@ -51,5 +51,5 @@ def test_balance_and_metadata():
     assert 0.35 <= src.labels.mean() <= 0.6
     assert src.ids[5] == "synth-0-00005" and src.synthetic and src.root is None
     assert src.classes == ["no tumour", "tumour"] and src.split == "train"
-    assert src.describe()["seed"] == 0 and src.describe()["n"] == 2000
+    assert src.describe()["seed"] == 0 and src.describe()["n"] == synthetic.DEFAULT_N
     assert "SYNTHETIC" in src.describe_short()
