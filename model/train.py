@@ -29,9 +29,9 @@ from model.errors import DataError, PcamLensError, RunError
 # Epochs and learning rates per preset. "quick" is tuned for a CPU demo, "standard" for a real
 # data set of a few thousand patches, "long" for the full 220k Kaggle set on a GPU.
 PRESETS = {
-    "quick": dict(frozen_epochs=2, epochs=2, lr=2e-3, wd=0.01, bs=64, crop=64),
-    "standard": dict(frozen_epochs=1, epochs=6, lr=3e-3, wd=0.01, bs=64, crop=96),
-    "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128, crop=96),
+    "quick": dict(frozen_epochs=3, epochs=1, lr=2e-3, wd=0.01, bs=64, crop=64, size=96),
+    "standard": dict(frozen_epochs=1, epochs=6, lr=3e-3, wd=0.01, bs=64, crop=96, size=144),
+    "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128, crop=96, size=192),
 }
 LR_FIND_ITERS = 40
 
@@ -246,7 +246,8 @@ def prepare_new(args, log) -> Prepared:
                  "train_ids_file": "train_ids.csv"},
         "split": split.describe(),
         "_arch": args.arch, "_pretrained": None if args.no_pretrained else args.pretrained,
-        "_input": dict(size=args.size or crop, crop=crop, norm=args.norm),
+        "_input": dict(size=args.size or (PRESETS[args.preset]["size"] if not args.crop else
+                                          None) or crop, crop=crop, norm=args.norm),
     })
     return Prepared(Path(run_dir), cfg, train_src, valid_src, train_src.labels,
                     valid_src.labels)

@@ -45,7 +45,7 @@ def test_run_directory_is_complete_and_self_describing(tiny_run):
         assert (tiny_run / f).is_file(), f
     cfg = read_config(tiny_run)
     assert cfg["model"]["arch"] == "resnet18"
-    assert cfg["input"]["crop"] == 64 == cfg["input"]["size"]  # the quick preset's crop
+    assert (cfg["input"]["crop"], cfg["input"]["size"]) == (64, 96)  # the quick preset
     assert len(cfg["input"]["mean"]) == 3
     assert cfg["data"]["synthetic"] is True
     assert cfg["split"]["method"] == "stratified"
