@@ -165,3 +165,16 @@ def marked_read_only(folder: str | os.PathLike) -> bool:
         return not (p.stat().st_mode & 0o222)
     except OSError:
         return True
+
+
+def can_create_files(folder: str | os.PathLike) -> bool:
+    """Really create (and remove) a probe file in `folder`: os.access says yes to root on
+    read-only mounts, and is wrong for ACLs and some network file systems."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pcam-lens-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return True

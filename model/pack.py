@@ -104,15 +104,13 @@ def _writable(folder: Path) -> bool:
 
     if marked_read_only(folder):
         return False
+    from model.atomic import can_create_files
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".pcam-lens-probe-", dir=folder)
     except OSError:
         return False
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return True
+    return can_create_files(folder)
 
 
 def default_pack_dir(root: Path, split: str) -> Path:

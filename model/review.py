@@ -40,7 +40,6 @@ import hashlib
 import os
 import random
 import sqlite3
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,14 +138,9 @@ def _dir_is_writable(data_dir: Path) -> bool:
     log = sub / LOG_NAME
     if log.exists() and not os.access(log, os.R_OK | os.W_OK):
         return False
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".pcam-lens-probe-", dir=target)
-    except OSError:
-        return False
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
-    return True
+    from model.atomic import can_create_files
+
+    return can_create_files(target)
 
 
 def fallback_log_path(data_root: Path | None) -> Path:
