@@ -58,13 +58,18 @@ def _missing() -> str | None:
     return None
 
 
-def test_browser_is_available():
-    """Fails (not skips) without Chromium/Playwright when PCAM_LENS_REQUIRE_BROWSER is set."""
+def _require_browser() -> None:
+    """Chromium/Playwright missing: a failure where CI requires the browser, else a skip."""
     why = _missing()
     if why and _required():
         pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {why}", pytrace=False)
     if why:
         pytest.skip(why)
+
+
+def test_browser_is_available():
+    """Fails (not skips) without Chromium/Playwright when PCAM_LENS_REQUIRE_BROWSER is set."""
+    _require_browser()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -72,11 +77,7 @@ def test_browser_is_available():
 
 @pytest.fixture(scope="module")
 def sync_playwright():
-    why = _missing()
-    if why and _required():
-        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {why}", pytrace=False)
-    if why:
-        pytest.skip(why)
+    _require_browser()
     from playwright.sync_api import sync_playwright
 
     return sync_playwright
