@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.cli import run_cli
 from model.errors import DataError, PcamLensError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -487,8 +488,13 @@ def our_learner(data_spec: str, arch: str, run_dir: Path, s: Settings) -> OurRun
     directory (config.json, split) written as model.train writes it."""
     import torch
 
-    from model.train import (build_for_new_run, get_args_parser, make_learner, prepare_new,
-                             write_new_run_files)
+    from model.train import (
+        build_for_new_run,
+        get_args_parser,
+        make_learner,
+        prepare_new,
+        write_new_run_files,
+    )
 
     argv = ["--data", data_spec, "--arch", arch, "--no-pretrained", "--no-checks",
             "--no-lr-find", "--bs", str(s.bs), "--device", s.device, "--seed", "0",
@@ -979,23 +985,18 @@ def run_bench(s: Settings, memory: list[int] | None = None) -> tuple[dict, list[
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        s = settings_from_args(args)
-        memory = _sizes(args.memory) if args.memory else None
-        result, rows = run_bench(s, memory)
-    except PcamLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    print(format_report(result, rows))
-    if args.json:
-        from model.atomic import write_json
 
-        write_json(args.json, result)
-        print(f"\nWritten: {args.json}")
-    return 0
+    def body():
+        s = settings_from_args(args)
+        result, rows = run_bench(s, _sizes(args.memory) if args.memory else None)
+        print(format_report(result, rows))
+        if args.json:
+            from model.atomic import write_json
+
+            write_json(args.json, result)
+            print(f"\nWritten: {args.json}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,6 @@ def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
     from safetensors.torch import save
 
     from model.atomic import write_bytes
-
     from model.distributed import unwrap
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous()

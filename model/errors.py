@@ -48,3 +48,21 @@ class StorageError(PcamLensError, OSError):
 
     def __str__(self) -> str:  # OSError would print "[Errno N] None: path"
         return str(self.args[0]) if self.args else ""
+
+
+def one_line(e: PcamLensError) -> PcamLensError:
+    """A PcamLensError raised in a DataLoader worker comes back as the same type whose message
+    is "Caught DataError in DataLoader worker process 0. Original Traceback ...": keep only the
+    original message, so that CLIs print one line and no traceback."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+    name = type(e).__name__
+    for prefix in (f"{type(e).__module__}.{name}: ", f"{name}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    err = type(e).__new__(type(e))
+    Exception.__init__(err, last)
+    err.path, err.fix = None, None
+    return err

@@ -18,7 +18,6 @@ Files, written atomically into --out (default <run>/eval/valid or <run>/eval/<da
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.errors import DataError, PcamLensError, RunError
+from model.cli import run_cli
+from model.errors import DataError, RunError
 
 SAMPLES_K = 16
 
@@ -235,20 +235,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def body():
         res = evaluate_run(args.run_dir, args.data, args.out, checkpoint=args.checkpoint,
                            threshold=args.threshold, tta=args.tta,
                            target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
                            progress=not args.no_progress, batch_size=args.batch_size,
                            precision=args.precision)
-    except PcamLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: the evaluation did not finish", file=sys.stderr)
-        return 130
-    print(format_report(res))
-    return 0
+        print(format_report(res))
+
+    return run_cli(body, interrupted="interrupted: the evaluation did not finish")
 
 
 if __name__ == "__main__":

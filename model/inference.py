@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from model.errors import DataError, PcamLensError
+from model.errors import DataError, PcamLensError, one_line
 from model.presets import dihedral, prepare
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -148,29 +148,11 @@ def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: to
     return acc / views if views > 1 else acc
 
 
-def _clean_worker_error(e: PcamLensError) -> PcamLensError:
-    """A PcamLensError raised in a DataLoader worker comes back as the same type whose message
-    is "Caught DataError in DataLoader worker process 0. Original Traceback ...": keep only the
-    original message, so that CLIs print one line and no traceback."""
-    text = str(e)
-    if "Original Traceback" not in text:
-        return e
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-    name = type(e).__name__
-    for prefix in (f"{type(e).__module__}.{name}: ", f"{name}: "):
-        if last.startswith(prefix):
-            last = last[len(prefix):]
-    err = type(e).__new__(type(e))
-    Exception.__init__(err, last)
-    err.path, err.fix = None, None
-    return err
-
-
 def _guarded(batches: Iterable) -> Iterator:
     try:
         yield from batches
     except PcamLensError as e:
-        clean = _clean_worker_error(e)
+        clean = one_line(e)
         if clean is e:
             raise
         raise clean from None

@@ -25,7 +25,6 @@ import hashlib
 import os
 import sys
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,10 +32,17 @@ from typing import Sequence
 
 import numpy as np
 
-from model.errors import DataError, PcamLensError
+from model.cli import run_cli
+from model.errors import DataError
 from model.images import decode_image, resize_rgb
-from model.sources import (FileSource, KaggleSource, PatchSource, SubsetSource,
-                           check_confined, open_source)
+from model.sources import (
+    FileSource,
+    KaggleSource,
+    PatchSource,
+    SubsetSource,
+    check_confined,
+    open_source,
+)
 
 BLACK_MAX = 10  # near-black: patch max (uint8, all pixels and channels) below this
 WHITE_MIN = 245  # near-white: patch min above this
@@ -493,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
-    try:
+
+    def body() -> int:
         source = open_source(args.data, args.split, use_pack=False)  # check the files themselves
         print(f"Inspecting {source.describe_short()}", flush=True)
         report = inspect_source(source, progress=not args.no_progress,
@@ -518,12 +525,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(--drop-outliers drops them); {report.seconds:.1f} s")
         print(f"wrote {out}")
         return 1 if n_prob else 0
-    except PcamLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

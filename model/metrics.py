@@ -21,8 +21,12 @@ import math
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (average_precision_score, precision_recall_curve, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from model.errors import DataError
 

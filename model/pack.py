@@ -63,6 +63,7 @@ from typing import Sequence
 
 import numpy as np
 
+from model.cli import run_cli
 from model.errors import DataError, PcamLensError
 from model.sources import PatchSource
 
@@ -846,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     splits = ["train", "test"] if args.split == "all" else [args.split]
-    try:
+
+    def body() -> int:
         for split in splits:
             if args.split == "all" and split == "test":
                 from model.sources import open_source
@@ -872,12 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"up to date: {target} (--force rebuilds it)")
         return 0
-    except PcamLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was left behind", file=sys.stderr)
-        return 130
+
+    return run_cli(body, interrupted="interrupted; nothing was left behind")
 
 
 if __name__ == "__main__":

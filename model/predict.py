@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from model.errors import DataError, PcamLensError, RunError
+from model.cli import run_cli
+from model.errors import DataError, RunError
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -276,17 +276,13 @@ def run_torchrun(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def body():
         msg = run(args)
         if msg:
             print(msg)
-    except PcamLensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

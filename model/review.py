@@ -43,6 +43,7 @@ import sqlite3
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -143,6 +144,17 @@ def _dir_is_writable(data_dir: Path) -> bool:
     return can_create_files(target)
 
 
+def _log_is_writable(log: Path) -> bool:
+    """Can this process append to the existing log `log`? SQLite writes the file and creates
+    `-wal`/`-shm`/journal files beside it, so both must be possible."""
+    from model.atomic import can_create_files, marked_read_only
+
+    folder = log.parent
+    if marked_read_only(folder) or not (log.stat().st_mode & 0o222):
+        return False
+    return os.access(log, os.W_OK) and can_create_files(folder)
+
+
 def fallback_log_path(data_root: Path | None) -> Path:
     """The per-user log for `data_root`: `$PCAM_LENS_HOME/reviews/<key>/review_log.sqlite`,
     with `PCAM_LENS_HOME` defaulting to `~/.local/share/pcam-lens` (or `$XDG_DATA_HOME/
@@ -226,10 +238,25 @@ def _text(value, name: str) -> str:
 class ReviewLog:
     """An append-only log of review decisions in one SQLite file.
 
-    Safe to share between threads and processes: every call opens its own connection."""
+    Safe to share between threads and processes: every call opens its own connection.
 
-    def __init__(self, path: str | os.PathLike):
+    `read_only=None` (default) opens an existing log that this process cannot write (a
+    read-only file, folder or mount, e.g. a colleague's log on an archive share) for reading
+    only: history, latest decisions and exports work, `record` raises a StorageError. A log
+    that does not exist yet is created."""
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool | None = None):
         self.path = Path(path).expanduser()
+        if read_only is None:
+            read_only = self.path.is_file() and not _log_is_writable(self.path)
+        self.read_only = bool(read_only)
+        if self.read_only:
+            if not self.path.is_file():
+                raise PcamLensError(f"There is no review log at {self.path}.", path=self.path,
+                                    fix="Check the path; a log is created by the first "
+                                        "decision recorded in the viewer.")
+            self._retry(self._check_version, write=False)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -246,19 +273,45 @@ class ReviewLog:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                  check_same_thread=False)
+            con = self._open_read_only() if self.read_only else sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                check_same_thread=False)
         except sqlite3.Error as e:
             raise self._open_error(e) from None
         try:
             con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            con.execute("PRAGMA synchronous = FULL")
+            if not self.read_only:
+                con.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as e:
             con.close()
             if _is_busy(e):
                 raise
             raise self._open_error(e) from None
         return con
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """`mode=ro` sees the latest committed decisions, but a WAL log needs its `-shm` file:
+        in a folder nobody may write and with no `-shm` left behind, SQLite refuses, and the
+        file can then only be read as `immutable` (safe there: with no `-wal` file nothing is
+        appending to it). A folder marked read-only is read that way first, so that not even
+        root leaves `-wal`/`-shm` files in it."""
+        from model.atomic import marked_read_only
+
+        uri = f"file:{quote(str(self.path.resolve()))}"
+        modes = ["?mode=ro", "?immutable=1"]
+        if marked_read_only(self.path.parent) and not Path(f"{self.path}-wal").exists():
+            modes.reverse()
+        for k, mode in enumerate(modes):
+            con = sqlite3.connect(uri + mode, uri=True, timeout=BUSY_TIMEOUT_S,
+                                  isolation_level=None, check_same_thread=False)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return con
+            except sqlite3.OperationalError:
+                con.close()
+                if k == len(modes) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _open_error(self, e: sqlite3.Error) -> PcamLensError:
         msg = str(e)
@@ -329,27 +382,36 @@ class ReviewLog:
         return PcamLensError(f"The review log {self.path} refused the operation: {e}.",
                              path=self.path)
 
+    def _check_version(self, con: sqlite3.Connection) -> None:
+        """Refuse a log written by another schema version (a missing meta table is a new or
+        empty file: fine for writing, and for reading it holds no decisions)."""
+        has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                               "AND name = 'meta'").fetchone()
+        row = has_meta and con.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                                       ).fetchone()
+        if self.read_only and not row:
+            raise PcamLensError(f"{self.path} is not a pcam-lens review log (no schema "
+                                "version).", path=self.path,
+                                fix="Point at a review_log.sqlite written by the viewer.")
+        if not row:
+            return
+        try:
+            version = int(row[0])
+        except ValueError:
+            version = -1
+        if version > SCHEMA_VERSION or version < 1:
+            raise PcamLensError(
+                f"The review log {self.path} has schema version {row[0]}; this "
+                f"pcam-lens reads version {SCHEMA_VERSION}"
+                + (" (the log was written by a newer pcam-lens)."
+                   if version > SCHEMA_VERSION else "."),
+                path=self.path,
+                fix="Upgrade pcam-lens, or move the file aside to start a new "
+                    "log (the old one is left untouched).")
+
     def _init_schema(self) -> None:
         def init(con: sqlite3.Connection) -> None:
-            has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                   "AND name = 'meta'").fetchone()
-            if has_meta:
-                row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'"
-                                  ).fetchone()
-                if row is not None:
-                    try:
-                        version = int(row[0])
-                    except ValueError:
-                        version = -1
-                    if version > SCHEMA_VERSION or version < 1:
-                        raise PcamLensError(
-                            f"The review log {self.path} has schema version {row[0]}; this "
-                            f"pcam-lens reads version {SCHEMA_VERSION}"
-                            + (" (the log was written by a newer pcam-lens)."
-                               if version > SCHEMA_VERSION else "."),
-                            path=self.path,
-                            fix="Upgrade pcam-lens, or move the file aside to start a new "
-                                "log (the old one is left untouched).")
+            self._check_version(con)
             for stmt in _split_sql(_SCHEMA):
                 con.execute(stmt)
             con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -379,6 +441,12 @@ class ReviewLog:
         - relabel needs new_label (0/1) different from old_label; flag needs flag_reason
           (artefact | out_of_focus | no_tissue | other); new_label/flag_reason are refused
           for actions they do not belong to."""
+        if self.read_only:
+            raise StorageError(f"The review log {self.path} is open read-only (this process "
+                               "cannot write it); the decision was not recorded.",
+                               path=self.path, errno=errno.EROFS,
+                               fix=f"Make the log and its folder writable, or review into "
+                                   f"your own log (set {HOME_ENV}, or copy the file).")
         if not isinstance(reviewer, str) or not reviewer.strip():
             raise ReviewError("A reviewer name is required for every decision.",
                               fix="Enter your name in the viewer before reviewing.")

@@ -1,7 +1,7 @@
 """Train a fastai CNN on PCam-like patches and write a self-describing run directory.
 
     python -m model.train                       # built-in synthetic set, a few minutes on CPU
-    python -m model.train --data ../shared/data/pcam-sample --preset standard
+    python -m model.train --data ../shared/data/pcam-sample
     python -m model.train --resume runs/<name>  # continue an interrupted run
     torchrun --standalone --nproc_per_node=4 -m model.train --data DATA   # data-parallel:
         # one process per GPU (or CPU share), --bs is the global batch, rank 0 writes the
@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from model.cli import run_cli
 from model.errors import DataError, PcamLensError, RunError
 
 # Epochs and learning rates per preset. "quick" is tuned for a CPU demo, "standard" for a real
 # data set of a few thousand patches, "long" for the full 220k Kaggle set on a GPU.
 PRESETS = {
-    "quick": dict(frozen_epochs=3, epochs=1, lr=2e-3, wd=0.01, bs=64, crop=64, size=96),
+    "quick": dict(frozen_epochs=3, epochs=2, lr=2e-3, wd=0.01, bs=64, crop=64, size=96),
     "standard": dict(frozen_epochs=1, epochs=6, lr=3e-3, wd=0.01, bs=64, crop=96, size=144),
     "long": dict(frozen_epochs=2, epochs=20, lr=1e-3, wd=0.05, bs=128, crop=96, size=192),
 }
@@ -76,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--norm", choices=["weights", "imagenet", "dataset"], default="weights",
                    help="normalisation statistics")
     t = p.add_argument_group("training")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    t.add_argument("--preset", choices=["auto", *sorted(PRESETS)], default="auto",
+                   help="auto (default) = quick on the synthetic set, standard on real data")
     t.add_argument("--frozen-epochs", type=int)
     t.add_argument("--epochs", type=int, help="epochs of the unfrozen phase")
     t.add_argument("--lr", help="max learning rate, or 'auto' to use lr_find's suggestion")
@@ -131,6 +133,14 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_preset(name: str, source) -> str:
+    """'auto' picks by data: the synthetic set is easy and serves as a demo, so the quick
+    preset; real patches need the standard one (full 96 px patch upsampled, more epochs)."""
+    if name != "auto":
+        return name
+    return "quick" if source.synthetic else "standard"
 
 
 def fresh_config(args) -> dict:
@@ -215,11 +225,12 @@ def prepare_new(args, log) -> Prepared:
     from model.sources import open_source
     from model.splits import make_split
 
-    cfg = fresh_config(args)
     source = open_source(args.data, "train")
     if source.labels is None:
         raise DataError(f"{source.describe_short()} has no labels; training needs labels.",
                         fix="Point --data at labelled data.")
+    args.preset = resolve_preset(args.preset, source)
+    cfg = fresh_config(args)
     data_desc = source.describe()
     if args.max_items:
         source = _subsample(source, args.max_items, args.seed)
@@ -635,18 +646,12 @@ def shutil_rmtree(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        train(args)
-    except PcamLensError as e:
-        from model.inference import _clean_worker_error
 
-        print(f"error: {_clean_worker_error(e)}", file=sys.stderr)  # one line from a worker
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch is saved; continue with --resume "
-              "RUN_DIR", file=sys.stderr)
-        return 130
-    return 0
+    def body():
+        train(args)
+
+    return run_cli(body, interrupted="interrupted: the last completed epoch is saved; continue "
+                               "with --resume RUN_DIR")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures_runs import tiny_loaded, tiny_run  # noqa: E402,F401
 
 from model.errors import DataError  # noqa: E402
-from model.inference import (data_name, predict_arrays, predict_probs,  # noqa: E402
-                             shard_indices)
+from model.inference import data_name, predict_arrays, predict_probs, shard_indices  # noqa: E402
 from model.presets import prepare  # noqa: E402
 from model.sources import open_source  # noqa: E402
 

@@ -9,9 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (accuracy_score, average_precision_score, brier_score_loss,
-                             confusion_matrix, f1_score, log_loss, precision_recall_curve,
-                             precision_score, recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from model import metrics as m
 from model.errors import DataError

@@ -15,8 +15,15 @@ import pytest
 
 from model import pack as packmod
 from model.errors import DataError
-from model.pack import (ARRAY_NAME, PackedSource, load_pack, main, open_packed_if_fresh, pack,
-                        verify_pack)
+from model.pack import (
+    ARRAY_NAME,
+    PackedSource,
+    load_pack,
+    main,
+    open_packed_if_fresh,
+    pack,
+    verify_pack,
+)
 from model.sources import KaggleSource, SubsetSource, open_source
 
 N_TRAIN = 200

@@ -277,6 +277,57 @@ def test_a_file_that_is_not_a_log_is_a_clear_error(tmp_path):
     assert e.value.fix
 
 
+
+@pytest.mark.parametrize("lock_folder", [False, True], ids=["file-read-only", "folder-read-only"])
+def test_a_log_that_cannot_be_written_opens_read_only(tmp_path, lock_folder):
+    """A colleague's log on a read-only share: everything can be read, nothing written, and
+    the file is left byte-for-byte as it was."""
+    folder = tmp_path / "share"
+    path = folder / "review_log.sqlite"
+    w = ReviewLog(path)
+    w.record("A", "r", "p1", "relabel", 1, new_label=0)
+    w.record("A", "r", "p2", "flag", 0, flag_reason="no_tissue")
+    w.record("B", "r", "p1", "confirm", 0)
+    expected = w.history()
+    con = _raw(w)  # checkpoint the WAL into the main file, as a closed log would be
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    for extra in ("-wal", "-shm"):
+        Path(f"{path}{extra}").unlink(missing_ok=True)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.chmod(0o444)
+    if lock_folder:
+        folder.chmod(0o555)
+    try:
+        ro = ReviewLog(path)
+        assert ro.read_only
+        pd.testing.assert_frame_equal(ro.history(), expected)
+        assert ro.latest().set_index("patch_id")["action"].to_dict() == {
+            "p1": "confirm", "p2": "flag"}
+        assert ro.stats()["n_decisions"] == 3
+        with pytest.raises(review.StorageError, match="read-only") as e:
+            ro.record("C", "r", "p3", "confirm", 1)
+        assert e.value.fix
+        if lock_folder:  # (a writable folder gets SQLite's usual -wal/-shm companions)
+            assert sorted(p.name for p in folder.iterdir()) == ["review_log.sqlite"]
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert ReviewLog(path).record("C", "r", "p3", "confirm", 1) == 4  # writable again
+
+
+def test_read_only_open_of_a_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PcamLensError, match="no review log") as e:
+        ReviewLog(tmp_path / "nope.sqlite", read_only=True)
+    assert e.value.fix
+    other = tmp_path / "other.sqlite"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE t (x)")
+    con.close()
+    with pytest.raises(PcamLensError, match="not a pcam-lens review log"):
+        ReviewLog(other, read_only=True)
+
 # --------------------------------------------------------------------------- concurrency
 
 N_PER_WORKER = 500

@@ -4,11 +4,15 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from model.sources import (ClassFolderSource, ImageFolderSource, KaggleSource, PcamH5Source,
-                           open_source)
+from model.sources import (
+    ClassFolderSource,
+    ImageFolderSource,
+    KaggleSource,
+    PcamH5Source,
+    open_source,
+)
 
 
 def _csv_ids(path):

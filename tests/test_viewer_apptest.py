@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from fixtures_runs import tiny_run  # noqa: F401  (session fixture: one tiny trained run)
 
 st_testing = pytest.importorskip("streamlit.testing.v1")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from model.errors import PcamLensError
 from viewer import components as ui
-from viewer import frame, preds, state
+from viewer import frame, preds
 
 TARGETS = {"predicted class": None, "tumour": 1, "no tumour": 0}
 GALLERIES = {"top losses": "top_losses", "most confident correct": "confident_correct",

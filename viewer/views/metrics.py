@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from viewer import components as ui
-from viewer import frame, state
+from viewer import frame
 
 CELLS = {"TP": (1, 1), "FP": (0, 1), "FN": (1, 0), "TN": (0, 0)}
 

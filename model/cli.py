@@ -1,0 +1,28 @@
+"""The one way every `python -m model.<tool>` ends: expected errors as one line, no traceback.
+
+A `PcamLensError` is printed as `error: <message and fix>` and becomes the exit code (2); Ctrl-C
+prints what was kept and exits 130, the shell's code for SIGINT. Anything else is a bug and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from model.errors import PcamLensError, one_line
+from model.runtime import tune_allocator
+
+
+def run_cli(body: Callable[[], int | None], *, interrupted: str = "interrupted") -> int:
+    """Run `body()` (returns an exit code, or None for 0) and turn expected failures into
+    a message on stderr and an exit code. Tunes the allocator first (model.runtime): every
+    tool allocates large tensors."""
+    tune_allocator()
+    try:
+        return body() or 0
+    except PcamLensError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
