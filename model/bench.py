@@ -225,7 +225,7 @@ class GpuUtilisation:
                 return
             self.samples.append(v)
 
-    def start(self) -> "GpuUtilisation":
+    def start(self) -> GpuUtilisation:
         if self._read() is not None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
@@ -807,7 +807,8 @@ def format_report(result: dict, rows: list[Row]) -> str:
     if a:
         out.append("")
         out.append(f"agreement (same weights, same {st['n']} patches): ours "
-                   f"({a['ours_precision']}) vs plain fp32 forward max |diff| {a['ours_vs_fp32_max_abs_diff']:.2e} "
+                   f"({a['ours_precision']}) vs plain fp32 forward max |diff| "
+                   f"{a['ours_vs_fp32_max_abs_diff']:.2e} "
                    f"(mean {a['ours_vs_fp32_mean_abs_diff']:.2e}); stock fastai vs fp32 max "
                    f"|diff| {a['stock_vs_fp32_max_abs_diff']:.2e}"
                    + (f"; AUC fp32 {a['auc_fp32']:.4f}, ours {a['auc_ours']:.4f} (diff "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -120,14 +121,30 @@ def make_loader(dataset: PatchDataset, batch_size: int, *, shuffle: bool, seed: 
 
 
 def iter_batches(source: PatchSource, batch_size: int, *, workers: int | None = None):
-    """Yield (start, uint8 tensor) over `source` in order with bounded memory (inference)."""
+    """Yield (start, uint8 tensor) over `source` in order with bounded memory (inference).
+
+    workers=0 reads each batch in this process, between model calls: right for a model on
+    the CPU, whose intra-op threads already use every core. Loader processes (or a reading
+    thread) only add start-up, pickling and contention there (2 cores, 4,096 real patches,
+    lite0 at 96 px: 563-597 patches/s in-process, 467-526 with a prefetch thread, 510 with
+    two worker processes). workers>0 (None: up to 4) starts worker processes, for a model on
+    a GPU that waits for the CPU to decode."""
     ds = PatchDataset(source, preload=False)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if source.kind in ("synthetic", "packed", "pcam-h5"):
         workers = min(workers, 2)
+    if workers == 0:
+        yield from _in_order(ds, batch_size)
+        return
     dl = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=_as_batch,
                     num_workers=workers)
     start = 0
     for x, _ in dl:
         yield start, x
         start += len(x)
+
+
+def _in_order(ds: PatchDataset, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, len(ds), batch_size):
+        x, _ = ds.__getitems__(np.arange(start, min(start + batch_size, len(ds))))
+        yield start, x

@@ -29,7 +29,7 @@ from torch import nn
 from model.errors import DataError
 from model.presets import prepare
 
-_LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
+_LAYER_CACHE: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 _LAYER_LOCK = threading.Lock()
 
 

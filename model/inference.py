@@ -24,8 +24,8 @@ import copy
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -209,9 +209,11 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
     n = len(src)
     if n == 0:
         return np.empty(0, np.float64)
-    # A single batch is not worth starting loader worker processes for.
-    workers = 0 if n <= batch_size else None
-    batches = iter_batches(src, batch_size, workers=workers)
+    # A model on the CPU already keeps every core busy: read in a background thread, not in
+    # worker processes (model.data.iter_batches); a single batch is not worth them either.
+    on_cpu = (torch.device(device) if device is not None
+              else _model_device(loaded.model)).type == "cpu"
+    batches = iter_batches(src, batch_size, workers=0 if on_cpu or n <= batch_size else None)
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
                 device=device, desc=f"predicting {n} patches" + (f" (TTA x{tta})"
                                                                   if tta > 1 else ""))

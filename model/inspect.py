@@ -25,10 +25,10 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -152,7 +152,7 @@ class InspectReport:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InspectReport":
+    def from_dict(cls, d: dict) -> InspectReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -366,7 +366,8 @@ def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int
     f = lambda i: {"index": int(i), "id": ids[i]}  # noqa: E731
     report = InspectReport(
         source=source.describe(), n_total=n, n_inspected=int(total.done),
-        sampled=sampled, ids_sha1=ids_fingerprint(ids), classes=list(source.classes), class_counts=class_counts,
+        sampled=sampled, ids_sha1=ids_fingerprint(ids), classes=list(source.classes),
+        class_counts=class_counts,
         channel_mean=mean, channel_std=std, n_pixels=int(total.n_pixels),
         unreadable=[{**f(i), "message": m} for i, m in sorted(total.unreadable)],
         wrong_size=[{**f(i), "size": s, "expected": e} for i, s, e in sorted(total.wrong_size)],

@@ -57,9 +57,9 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -869,7 +869,8 @@ def main(argv: list[str] | None = None) -> int:
                 meta = json.loads((target / "pack.json").read_text(encoding="utf-8"))
                 dt = time.perf_counter() - t0
                 print(f"packed {meta['n']} patches ({meta['source_kind']} {meta['split']}) "
-                      f"into {target} ({meta['n'] * int(np.prod(meta['shape'][1:])) / 1e6:.0f} MB) in "
+                      f"into {target} ({meta['n'] * int(np.prod(meta['shape'][1:])) / 1e6:.0f} "
+                      f"MB) in "
                       f"{dt:.1f} s ({meta['n'] / max(dt, 1e-9):.0f} patches/s)")
             else:
                 print(f"up to date: {target} (--force rebuilds it)")

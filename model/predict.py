@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.cli import run_cli
+from model.cli import CLI_TTA, run_cli
 from model.errors import DataError, RunError
 
 
@@ -179,7 +179,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the trained run (not needed with --merge when --out is given)")
     p.add_argument("--data", required=True,
                    help="Kaggle folder (test/), flat folder of images, or PCam _x.h5 file")
-    p.add_argument("--tta", type=int, default=1, help="dihedral TTA views, 1..8")
+    p.add_argument("--tta", type=int, default=CLI_TTA,
+                   help="dihedral TTA views averaged, 1..8 (default %(default)s: every flip "
+                        "and 90-degree rotation; 1 is 8x faster)")
     p.add_argument("--out", type=Path,
                    help="CSV to write (default RUN_DIR/predictions/<data>-submission.csv)")
     p.add_argument("--batch-size", type=int, default=256)

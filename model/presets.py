@@ -36,7 +36,7 @@ class InputConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputConfig":
+    def from_dict(cls, d: dict) -> InputConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -52,7 +52,7 @@ class AugmentConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AugmentConfig":
+    def from_dict(cls, d: dict) -> AugmentConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 

@@ -41,10 +41,10 @@ import os
 import random
 import sqlite3
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -198,7 +198,7 @@ def default_log_path(data_root: Path | None, *,
 
 def _now() -> str:
     """UTC ISO-8601 with microseconds, e.g. 2024-05-01T12:34:56.123456+00:00."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _is_busy(e: BaseException) -> bool:

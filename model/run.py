@@ -148,7 +148,7 @@ class LoadedRun:
     run_dir: Path
     config: dict
     model: nn.Module
-    input: "InputConfig"  # noqa: F821
+    input: InputConfig  # noqa: F821
     classes: list[str]
     checkpoint: str
     checkpoint_mtime: float

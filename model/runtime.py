@@ -42,3 +42,12 @@ def tune_allocator() -> bool:
     _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done
+
+
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings a user can do nothing about: fastai's layers.py calls
+    `torch.jit.script` at import, which torch >= 2.10 reports as deprecated on every run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                            category=FutureWarning)

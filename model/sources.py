@@ -19,9 +19,9 @@ import csv
 import io
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class PatchSource:
         where = "built-in SYNTHETIC set" if self.synthetic else str(self.root)
         return f"{self.kind} source {where} ({self.split or 'all'}, {len(self)} patches)"
 
-    def subset(self, indices: Sequence[int]) -> "SubsetSource":
+    def subset(self, indices: Sequence[int]) -> SubsetSource:
         return SubsetSource(self, np.asarray(indices, dtype=np.int64))
 
 

@@ -295,7 +295,7 @@ def prepare_resume(run_dir: Path) -> Prepared:
 # --------------------------------------------------------------------------- model & learner
 
 
-def resolve_input(cfg: dict, train_src, info: dict | None) -> "InputConfig":  # noqa: F821
+def resolve_input(cfg: dict, train_src, info: dict | None) -> InputConfig:  # noqa: F821
     from model.presets import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
     i = cfg["_input"]

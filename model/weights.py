@@ -52,9 +52,9 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class _PipWeights:
     description: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    loader: Callable[["_PipWeights"], tuple[dict, dict]]
+    loader: Callable[[_PipWeights], tuple[dict, dict]]
 
     @property
     def source(self) -> str:

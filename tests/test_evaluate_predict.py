@@ -131,7 +131,13 @@ def test_evaluate_cli_report(tiny_run, tmp_path, capsys):
     for text in ("ROC AUC", "95% CI", "accuracy", "label 0", "label 1", "sensitivity >= 0.95",
                  "ECE", "SYNTHETIC", str(tmp_path / "e")):
         assert text in out, text
-    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["threshold"] == 0.4
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert m["threshold"] == 0.4 and m["tta"] == 8  # the CLI averages the 8 dihedral views
+    cli = pd.read_csv(tmp_path / "e" / "predictions.csv", dtype={"id": str})
+    lib = evaluate_run(tiny_run, out=tmp_path / "lib", n_boot=10, progress=False, tta=8)
+    assert lib.metrics["auc"] == m["auc"]
+    np.testing.assert_array_equal(
+        cli["prob"].to_numpy(), pd.read_csv(tmp_path / "lib" / "predictions.csv")["prob"])
 
 
 def test_evaluate_cli_bad_run_dir(tmp_path, capsys):

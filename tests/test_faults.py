@@ -32,9 +32,9 @@ import textwrap
 import time
 import tomllib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -226,7 +226,7 @@ def _converted(kind):
     def setup(tmp, c):
         a = real_patch(c.patches, 1)
         img = {"png": encoded(a, "PNG"),
-               "16bit": encoded(Image.fromarray((a[..., 0].astype(np.uint16) * 257)), "TIFF"),
+               "16bit": encoded(Image.fromarray(a[..., 0].astype(np.uint16) * 257), "TIFF"),
                "gray": encoded(a[..., 1], "TIFF"),
                "rgba": encoded(np.dstack([a, np.full(a.shape[:2], 200, np.uint8)]), "PNG")}[kind]
         kaggle_dir(tmp / "k", c.patches, images={c.patches[1][0]: img})

@@ -145,14 +145,14 @@ def test_class_folders_resize_and_put_positive_at_index_1(tmp_path, real_patches
 def test_flat_image_folder_is_unlabelled(tmp_path, real_patches):
     folder = tmp_path / "patches"
     folder.mkdir()
-    for pid, _, path in real_patches[:4]:
+    for _, _, path in real_patches[:4]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "notes.txt").write_text("not an image")
     src = open_source(folder, "test")
     assert isinstance(src, ImageFolderSource)
     assert src.labels is None and not src.labelled
     assert src.ids == sorted(pid for pid, _, _ in real_patches[:4])
-    for i, (pid, _, path) in enumerate(sorted(real_patches[:4])):
+    for i, (_, _, path) in enumerate(sorted(real_patches[:4])):
         assert np.array_equal(src.read(i), np.asarray(Image.open(path).convert("RGB")))
     # the split does not matter for a flat folder
     assert isinstance(open_source(folder, "train"), ImageFolderSource)

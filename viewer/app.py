@@ -15,9 +15,10 @@ if str(REPO) not in sys.path:  # streamlit puts only viewer/ on sys.path
 import streamlit as st  # noqa: E402
 
 from model.errors import PcamLensError  # noqa: E402
-from model.runtime import tune_allocator  # noqa: E402
+from model.runtime import quiet_known_warnings, tune_allocator  # noqa: E402
 from viewer import state, training  # noqa: E402
 
+quiet_known_warnings()
 tune_allocator()  # the viewer runs inference and Grad-CAM in-process (model/runtime.py)
 
 VIEWS = Path(__file__).resolve().parent / "views"

@@ -148,7 +148,7 @@ def _eval_dir(c: Context) -> Path | None:
 def evaluated_predictions(c: Context) -> Predictions | None:
     d = _eval_dir(c)
     m = run_metrics(d) if d is not None else None
-    if not m or m.get("checkpoint_mtime") != c.run_key[2] or m.get("tta", 1) != 1:
+    if not m or m.get("checkpoint_mtime") != c.run_key[2]:
         return None
     mine, theirs = c.source.describe(), m.get("data") or {}
     if any(mine.get(k) != theirs.get(k) for k in ("kind", "path", "n", "seed")):
@@ -162,7 +162,8 @@ def evaluated_predictions(c: Context) -> Predictions | None:
                "metrics on them are optimistic." if overlap else None)
     return Predictions(_memo(token, lambda: _finish(df, c.source)),
                        f"all {len(df):,} patches of {c.source.describe_short()}, evaluated "
-                       f"with run {c.run_name} (files in {d})", c.source, True, token, warning)
+                       f"with run {c.run_name}, TTA ×{m.get('tta', 1)} (files in {d})",
+                       c.source, True, token, warning)
 
 
 @st.cache_resource(show_spinner=False)

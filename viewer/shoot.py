@@ -5,7 +5,9 @@
 
 Starts `streamlit run viewer/app.py` with a private PCAM_LENS_HOME (the settings in it choose
 the data source and run), opens each page, waits until Streamlit has finished running, saves
-<out>/<page>.png and prints how long each page took to render.
+<out>/<page>.png and prints how long each page took to render, and the viewer process's
+resident memory after each page and at its peak (Linux /proc: VmRSS, VmHWM), with a JSON copy
+in <out>/shoot.json.
 """
 from __future__ import annotations
 
@@ -60,6 +62,19 @@ def time_paging(page, n: int) -> None:
           ", ".join(f"{t:.2f} s" for t in times))
 
 
+def memory_mb(pid: int) -> dict:
+    """Resident memory of process `pid` now and at its peak, in MB (Linux /proc)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def start_server(port: int, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.port", str(port),
            "--server.headless", "true"]
@@ -112,6 +127,7 @@ def main(argv=None) -> int:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
+            report = {"data": args.data or "synthetic", "pages": {}}
             for name in args.pages:
                 # the default page (Browse) lives at the root URL
                 page.goto(f"http://127.0.0.1:{args.port}/{'' if name == 'browse' else name}")
@@ -120,10 +136,16 @@ def main(argv=None) -> int:
                 warm = wait_idle(page)
                 shot = args.out / f"{args.prefix}{name}.png"
                 page.screenshot(path=str(shot), full_page=True)
-                print(f"{name:10s} first {first:6.2f} s  warm {warm:6.2f} s  -> {shot}")
+                mem = memory_mb(proc.pid)
+                report["pages"][name] = {"first_s": first, "warm_s": warm, **mem}
+                print(f"{name:10s} first {first:6.2f} s  warm {warm:6.2f} s  "
+                      f"RSS {mem.get('rss_mb', float('nan')):6.0f} MB  -> {shot}")
                 if name == "browse" and args.paging:
                     time_paging(page, args.paging)
             browser.close()
+        report["viewer_peak_rss_mb"] = memory_mb(proc.pid).get("peak_rss_mb")
+        print(f"viewer process peak RSS: {report['viewer_peak_rss_mb']:.0f} MB")
+        (args.out / "shoot.json").write_text(json.dumps(report, indent=1))
     finally:
         proc.terminate()
         proc.wait(timeout=20)

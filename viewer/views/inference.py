@@ -147,7 +147,8 @@ def _results(res: dict) -> None:
     a, b, d = st.columns(3)
     a.metric("Patches", f"{len(df):,}")
     b.metric("Predicted tumour (p ≥ 0.5)", f"{n_pos:,}")
-    d.metric("Time", f"{res['seconds']:.1f} s", f"TTA ×{res['tta']}", delta_color="off", delta_arrow="off")
+    d.metric("Time", f"{res['seconds']:.1f} s", f"TTA ×{res['tta']}", delta_color="off",
+             delta_arrow="off")
     st.plotly_chart(ui.histogram(df["prob"], df["label"]), key="i_hist")
     fmt = st.segmented_control("submission.csv label", ["probability", "0/1 at 0.5"],
                                default="probability", key="i_fmt") or "probability"

@@ -38,7 +38,8 @@ def render(c) -> None:
     cm = confusion_at(y, p, thr)
     auc, lo, hi = _auc_ci((pset.origin, len(df), float(p.sum())), y, p)
     cols = st.columns(6)
-    cols[0].metric("ROC AUC", f"{auc:.4f}", f"95% CI {lo:.4f}–{hi:.4f}", delta_color="off", delta_arrow="off")
+    cols[0].metric("ROC AUC", f"{auc:.4f}", f"95% CI {lo:.4f}–{hi:.4f}", delta_color="off",
+                   delta_arrow="off")
     for col, k in zip(cols[1:], ("sensitivity", "specificity", "precision", "npv", "accuracy")):
         col.metric(k if k != "npv" else "NPV", "–" if np.isnan(cm[k]) else f"{cm[k]:.3f}")
     a, b = st.columns(2)
