@@ -46,8 +46,14 @@ def tune_allocator() -> bool:
 
 def quiet_known_warnings() -> None:
     """Silence third-party warnings a user can do nothing about: fastai's layers.py calls
-    `torch.jit.script` at import, which torch >= 2.10 reports as deprecated on every run."""
+    `torch.jit.script` at import, which torch >= 2.10 reports as deprecated on every run.
+    Also for the processes this one starts (spawned workers, subprocesses), through
+    PYTHONWARNINGS, whose message field matches the start of the warning text."""
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                             category=FutureWarning)
+    rule = "ignore:`torch.jit.script` is deprecated:FutureWarning"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if rule not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{current},{rule}" if current else rule

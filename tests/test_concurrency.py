@@ -9,11 +9,7 @@ export and `effective_labels` say exactly what `latest()` says."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,20 +64,6 @@ def _reader(path: str, start, stop, out) -> None:
         out.put(("ok", reads, seen == sorted(seen), seen[-1] if seen else 0))
     except BaseException as e:  # noqa: BLE001
         out.put(("error", f"{type(e).__name__}: {e}", False, 0))
-
-
-@pytest.fixture
-def fast_dir(tmp_path):
-    """A RAM-backed folder when there is one (each commit fsyncs); locking works the same."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="pcam-lens-conc-", dir=shm))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -341,21 +339,6 @@ def _worker(path: str, name: str, n: int, start) -> None:
     for i in range(n):
         log.record(name, "run", f"{name}-{i:04d}", "relabel" if i % 2 else "confirm", 1,
                    new_label=0 if i % 2 else None)
-
-
-@pytest.fixture
-def fast_dir(tmp_path):
-    """A RAM-backed folder when there is one: every commit fsyncs (synchronous=FULL), which
-    on a slow disk would make 1,000 commits take 10-20 s. Locking works the same there."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="pcam-lens-test-", dir=shm))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_two_processes_writing_at_once_lose_nothing(fast_dir):
