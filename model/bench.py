@@ -731,23 +731,23 @@ def bench_gradcam(data: BenchData, loaded, stock, s: Settings) -> tuple[Row, dic
 
 
 def _rss_child(run_dir: str, n: int, bs: int, q) -> None:
-    import resource
     import tracemalloc
 
     from model.inference import predict_probs
     from model.run import load_run
+    from model.runtime import process_memory_mb, tune_allocator
     from model.sources import open_source
 
+    tune_allocator()  # as in the CLIs
     loaded = load_run(run_dir)
     src = open_source(f"synthetic:n={n},seed=2", "train")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = process_memory_mb()
     tracemalloc.start()
     probs = predict_probs(loaded, src, batch_size=bs, progress=False)
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    q.put({"n": n, "batch_size": bs, "rss_before_mb": base / 1024,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    q.put({"n": n, "batch_size": bs, "rss_before_mb": base.get("rss_mb", float("nan")),
+           "peak_rss_mb": process_memory_mb().get("peak_rss_mb", float("nan")),
            "tracemalloc_peak_mb": traced / 2**20, "predicted": int(len(probs))})
 
 
@@ -820,8 +820,7 @@ def format_report(result: dict, rows: list[Row]) -> str:
     for m in result.get("memory") or []:
         out.append(f"memory: predict_probs over {m['n']} synthetic patches (batch "
                    f"{m['batch_size']}): peak RSS {m['peak_rss_mb']:.0f} MB (after loading "
-                   f"{m['rss_before_mb']:.0f} MB), loader worker peak "
-                   f"{m['peak_worker_rss_mb']:.0f} MB, tracemalloc peak "
+                   f"{m['rss_before_mb']:.0f} MB), tracemalloc peak "
                    f"{m['tracemalloc_peak_mb']:.1f} MB")
     return "\n".join(out)
 

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
@@ -57,3 +58,20 @@ def quiet_known_warnings() -> None:
     current = os.environ.get("PYTHONWARNINGS", "")
     if rule not in current.split(","):
         os.environ["PYTHONWARNINGS"] = f"{current},{rule}" if current else rule
+
+
+def process_memory_mb(pid: int | str = "self") -> dict:
+    """Resident memory of a process now (`rss_mb`) and at its peak (`peak_rss_mb`), from
+    /proc/<pid>/status (VmRSS, VmHWM); {} where there is no /proc. Unlike getrusage's
+    ru_maxrss, VmHWM starts afresh in a spawned process instead of inheriting the peak of the
+    process that forked it."""
+    out = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
+    return out

@@ -15,11 +15,12 @@ if str(REPO) not in sys.path:  # streamlit puts only viewer/ on sys.path
 import streamlit as st  # noqa: E402
 
 from model.errors import PcamLensError  # noqa: E402
-from model.runtime import quiet_known_warnings, tune_allocator  # noqa: E402
+from model.runtime import quiet_known_warnings  # noqa: E402
 from viewer import state, training  # noqa: E402
 
+# No model.runtime.tune_allocator() here: the viewer is a long-lived process whose resident
+# memory matters more than the speed of its small batches; training runs in a subprocess.
 quiet_known_warnings()
-tune_allocator()  # the viewer runs inference and Grad-CAM in-process (model/runtime.py)
 
 VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = [("browse.py", "Browse", ":material/grid_view:"),

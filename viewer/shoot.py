@@ -22,6 +22,11 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from model.runtime import process_memory_mb  # noqa: E402
+
 PAGES = ["browse", "dataset", "runs", "metrics", "gradcam", "review", "inference"]
 
 
@@ -60,19 +65,6 @@ def time_paging(page, n: int) -> None:
         wait_idle(page)
     print("browse paging (click Next -> all 48 images shown):",
           ", ".join(f"{t:.2f} s" for t in times))
-
-
-def memory_mb(pid: int) -> dict:
-    """Resident memory of process `pid` now and at its peak, in MB (Linux /proc)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss_mb" if key == "VmRSS" else "peak_rss_mb"] = int(value.split()[0]) / 1024
-    except OSError:
-        pass
-    return out
 
 
 def start_server(port: int, env: dict) -> subprocess.Popen:
@@ -136,14 +128,14 @@ def main(argv=None) -> int:
                 warm = wait_idle(page)
                 shot = args.out / f"{args.prefix}{name}.png"
                 page.screenshot(path=str(shot), full_page=True)
-                mem = memory_mb(proc.pid)
+                mem = process_memory_mb(proc.pid)
                 report["pages"][name] = {"first_s": first, "warm_s": warm, **mem}
                 print(f"{name:10s} first {first:6.2f} s  warm {warm:6.2f} s  "
                       f"RSS {mem.get('rss_mb', float('nan')):6.0f} MB  -> {shot}")
                 if name == "browse" and args.paging:
                     time_paging(page, args.paging)
             browser.close()
-        report["viewer_peak_rss_mb"] = memory_mb(proc.pid).get("peak_rss_mb")
+        report["viewer_peak_rss_mb"] = process_memory_mb(proc.pid).get("peak_rss_mb")
         print(f"viewer process peak RSS: {report['viewer_peak_rss_mb']:.0f} MB")
         (args.out / "shoot.json").write_text(json.dumps(report, indent=1))
     finally:
