@@ -705,7 +705,7 @@ def write_pack(source: PatchSource, root: Path, target: Path, *, requested_split
             meta = {
                 "format": FORMAT, "version": FORMAT_VERSION,
                 "source": desc, "source_kind": source.kind,
-                "source_root": str(root.resolve()),
+                "source_root": os.path.abspath(root),  # as the source names it: links kept
                 "source_path_rel": "." if src_path == root else _relpath(src_path, root),
                 "requested_split": requested_split, "split": source.split,
                 "n": n, "shape": [n, s, s, 3], "dtype": "uint8", "order": "C",
