@@ -93,7 +93,7 @@ def _training_overlap(run_dir: Path, source, ids: list[str], desc_run: dict) -> 
 def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
                  threshold: float = 0.5, tta: int = 1, target_sensitivity: float = 0.95,
                  n_boot: int = 1000, progress=True, batch_size: int = 256,
-                 precision: str = "auto") -> EvalResult:
+                 precision: str = "auto", compile: bool = False) -> EvalResult:
     """Re-run inference of `run_dir` on labelled data and write the evaluation files.
 
     data=None: the run's own validation split (valid_ids.csv, labels from there); otherwise
@@ -127,7 +127,7 @@ def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
 
     t0 = time.time()
     probs = predict_probs(loaded, source, tta=tta, indices=indices, progress=progress,
-                          batch_size=batch_size, precision=precision)
+                          batch_size=batch_size, precision=precision, compile=compile)
     seconds = time.time() - t0
 
     losses = M.per_patch_losses(labels, probs)
@@ -230,6 +230,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model first: ~30 s, then ~1.7x faster on a CPU; for "
+                        "large sets")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CI")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                            threshold=args.threshold, tta=args.tta,
                            target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
                            progress=not args.no_progress, batch_size=args.batch_size,
-                           precision=args.precision)
+                           precision=args.precision, compile=args.compile)
         print(format_report(res))
 
     return run_cli(body, interrupted="interrupted: the evaluation did not finish")

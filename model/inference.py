@@ -148,6 +148,37 @@ def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: to
     return acc / views if views > 1 else acc
 
 
+class _Compiled:
+    """The model through `torch.compile` (inductor, weights frozen into the graph: BN folded
+    into the convolutions, oneDNN weight packing). One static graph serves every batch: a
+    short last batch is padded to the first batch's size, since a second shape would mean a
+    second compilation. Compiling costs ~30 s on 2 cores (lite0, 96 px) and makes the bf16
+    forward pass ~1.7x faster (904 -> 1,533 img/s), so it pays on large sets only. If
+    compiling fails (no C++ compiler, an unsupported op), prediction goes on without it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.fn, self.rows = model, torch.compile(model, dynamic=False), None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            return self.model(x)
+        n = len(x)
+        self.rows = self.rows or n
+        if n < self.rows:
+            x = torch.cat([x, x.new_zeros((self.rows - n, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last)
+        try:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                return self.fn(x)[:n]
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say so)
+            print(f"note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
+                  "predicting without it.", file=sys.stderr)
+            self.fn = None
+            return self.model(x[:n])
+
+
 def _guarded(batches: Iterable) -> Iterator:
     try:
         yield from batches
@@ -159,9 +190,12 @@ def _guarded(batches: Iterable) -> Iterator:
 
 
 def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: int,
-         progress: Progress, precision: str, device, desc: str) -> np.ndarray:
+         progress: Progress, precision: str, device, desc: str,
+         compile: bool = False) -> np.ndarray:
     views = check_tta(tta)
     model, device = _model_on(loaded, device)
+    if compile:
+        model = _Compiled(model)
     amp = resolve_amp(precision, device)
     _set_threads(device)
     out = np.empty(n, np.float64)
@@ -182,7 +216,7 @@ def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: in
 
 def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                   indices=None, progress: Progress = True, precision: str = "auto",
-                  device=None) -> np.ndarray:
+                  device=None, compile: bool = False) -> np.ndarray:
     """float64 P(class index 1) for every patch of `source` (or for `indices`), in order.
 
     `loaded`: a model.run.LoadedRun. `tta`: 1..8 dihedral views averaged (softmax probs).
@@ -190,6 +224,7 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
     `progress`: True = tqdm bar on stderr, a callable(done, total), or False.
     `precision`: "auto" (bf16 autocast on CUDA / bf16-capable CPUs), "fp32", or "bf16".
     `device`: None = the model's device; another device runs a private copy of the model.
+    `compile`: run the model through torch.compile first (see _Compiled: for large sets).
     Memory is bounded by `batch_size`: patches are read batch by batch, never all at once."""
     from model.data import iter_batches
 
@@ -209,13 +244,14 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
     n = len(src)
     if n == 0:
         return np.empty(0, np.float64)
-    # A model on the CPU already keeps every core busy: read in a background thread, not in
-    # worker processes (model.data.iter_batches); a single batch is not worth them either.
+    # A model on the CPU already keeps every core busy: read in this process between batches,
+    # not in worker processes (model.data.iter_batches); one batch is not worth them either.
     on_cpu = (torch.device(device) if device is not None
               else _model_device(loaded.model)).type == "cpu"
     batches = iter_batches(src, batch_size, workers=0 if on_cpu or n <= batch_size else None)
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
-                device=device, desc=f"predicting {n} patches" + (f" (TTA x{tta})"
+                device=device, compile=compile,
+                desc=f"predicting {n} patches" + (f" (TTA x{tta})"
                                                                   if tta > 1 else ""))
 
 

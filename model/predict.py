@@ -59,7 +59,7 @@ def _submission(ids, probs) -> pd.DataFrame:
 
 def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
                    checkpoint: str = "best", shard: tuple[int, int] | None = None,
-                   precision: str = "auto", progress=True):
+                   precision: str = "auto", progress=True, compile: bool = False):
     """(loaded run, source, DataFrame id,label[,index]) for the test split at `data`."""
     from model.inference import check_tta, predict_probs, shard_indices
     from model.run import load_run
@@ -70,7 +70,7 @@ def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
     source = open_source(data, split="test", size=loaded.input.patch)
     indices = None if shard is None else shard_indices(len(source), *shard)
     probs = predict_probs(loaded, source, tta=tta, batch_size=batch_size, indices=indices,
-                          progress=progress, precision=precision)
+                          progress=progress, precision=precision, compile=compile)
     if indices is None:
         return loaded, source, _submission(source.ids, probs)
     df = _submission([source.ids[i] for i in indices], probs)
@@ -187,6 +187,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model first: ~30 s, then ~1.7x faster on a CPU; for "
+                        "large sets (tens of thousands of patches)")
     p.add_argument("--shard", metavar="RANK/WORLD",
                    help="predict only this contiguous shard; writes a part file (with index)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
@@ -224,7 +227,7 @@ def run(args) -> str:
     loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
                                         batch_size=args.batch_size, checkpoint=args.checkpoint,
                                         shard=shard, precision=args.precision,
-                                        progress=not args.no_progress)
+                                        compile=args.compile, progress=not args.no_progress)
     out = args.out or default_out(args.run_dir, args.data, shard)
     write_csv(out, df)
     extra = f" (shard {shard[0]}/{shard[1]} of {len(source)})" if shard else ""
@@ -260,7 +263,7 @@ def run_torchrun(args) -> str:
         loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
                                             batch_size=args.batch_size,
                                             checkpoint=args.checkpoint, shard=(d.rank, d.world),
-                                            precision=args.precision,
+                                            precision=args.precision, compile=args.compile,
                                             progress=d.is_main and not args.no_progress)
         write_csv(_part_path(out, d.rank, d.world), df)
         d.barrier()  # every part is written

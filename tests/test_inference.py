@@ -185,3 +185,30 @@ def test_data_name():
     assert data_name("/x/camelyonpatch_level_2_split_test_x.h5") == \
         "camelyonpatch_level_2_split_test_x"
     assert data_name("synthetic:n=20,seed=1") == "synthetic_n_20_seed_1"
+
+
+@pytest.mark.slow
+def test_compiled_model_predicts_like_the_eager_one(tiny_loaded, synth_source, synth_patches):
+    """--compile: one static graph (batches of 10, the last one of 4 padded), fp32 results as
+    the eager path's; the shared model is not changed."""
+    ref = reference_probs(tiny_loaded, synth_patches)
+    before = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
+    got = predict_probs(tiny_loaded, synth_source, precision="fp32", batch_size=10,
+                        progress=False, compile=True)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    after = tiny_loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_failing_compiler_falls_back_to_eager(tiny_loaded, synth_source, monkeypatch, capsys):
+    def broken(model, **kw):
+        def fn(x):
+            raise RuntimeError("no C++ compiler")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    eager = predict_probs(tiny_loaded, synth_source, precision="fp32", progress=False)
+    got = predict_probs(tiny_loaded, synth_source, precision="fp32", progress=False,
+                        compile=True)
+    np.testing.assert_array_equal(got, eager)
+    assert "torch.compile failed" in capsys.readouterr().err
