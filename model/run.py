@@ -212,7 +212,7 @@ def load_export_pkl(path: str | os.PathLike, *, allow_pickle: bool = False):
     if not allow_pickle:
         raise RunError(f"Refusing to unpickle {path}: a pickle can run arbitrary code.",
                        path=path, fix="Use load_run(run_dir) (safetensors), or pass "
-                                      "allow_pickle=True / --allow-pickle if you trust the file.")
+                                      "allow_pickle=True if you trust the file.")
     import warnings
 
     from fastai.learner import load_learner

@@ -1,7 +1,8 @@
 """Shared fixtures: where the real PCam sample lies, and small folders of real patches.
 
 The real sample (see /work/shared/data/README.md) is found at <repo>/../shared/data, or at
-$PCAM_LENS_SHARED. Tests that need it skip with a reason saying where it was looked for.
+$PCAM_LENS_SHARED. Tests that need it fail (never skip: a skipped test proves nothing) with
+a message saying where it was looked for.
 Nothing here writes outside tmp_path."""
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def shared_data() -> Path:
     """The folder holding pcam-sample/ and pcam-h5-sample/ (read-only: never write there)."""
     root = _shared_root()
     if not root.is_dir():
-        pytest.skip(f"real PCam sample not found at {root} (set PCAM_LENS_SHARED to the folder "
-                    "holding pcam-sample/ and pcam-h5-sample/)")
+        pytest.fail(f"real PCam sample not found at {root} (set PCAM_LENS_SHARED to the folder "
+                    "holding pcam-sample/ and pcam-h5-sample/)", pytrace=False)
     return root
 
 
@@ -36,7 +37,7 @@ def shared_data() -> Path:
 def kaggle_sample(shared_data) -> Path:
     path = shared_data / "pcam-sample"
     if not (path / "train_labels.csv").is_file():
-        pytest.skip(f"Kaggle-layout sample not found at {path}")
+        pytest.fail(f"Kaggle-layout sample not found at {path}", pytrace=False)
     return path
 
 
@@ -44,7 +45,7 @@ def kaggle_sample(shared_data) -> Path:
 def h5_sample(shared_data) -> Path:
     path = shared_data / "pcam-h5-sample"
     if not (path / "camelyonpatch_level_2_split_valid_x.h5").is_file():
-        pytest.skip(f"PCam HDF5 sample not found at {path}")
+        pytest.fail(f"PCam HDF5 sample not found at {path}", pytrace=False)
     return path
 
 

@@ -7,8 +7,8 @@ renders every page in Chromium without an exception, the Browse detail dialog op
 review decision clicked in the browser lands in the SQLite review log.
 
 Needs Debian's Chromium at /usr/bin/chromium (`apt-get install chromium`; Playwright's own
-browser download is not used). Without it the test skips, or fails when
-PCAM_LENS_REQUIRE_BROWSER is set (CI sets it). One screenshot per page goes to
+browser download is not used; `bash .ci/run` installs it). Without it the tests fail with
+that fix rather than skip. One screenshot per page goes to
 tests/_artifacts/browser/ (git-ignored). PCAM_LENS_HOME / PCAM_LENS_RUNS point into tmp dirs.
 """
 from __future__ import annotations
@@ -42,11 +42,6 @@ QUIET_MS = 600  # the app must stay idle this long to count as rendered
 REVIEWER = "Dr Browser"
 
 
-def _required() -> bool:
-    return os.environ.get("PCAM_LENS_REQUIRE_BROWSER", "").strip().lower() not in (
-        "", "0", "false", "no")
-
-
 def _missing() -> str | None:
     """Why the browser test cannot run here, or None."""
     try:
@@ -59,16 +54,15 @@ def _missing() -> str | None:
 
 
 def _require_browser() -> None:
-    """Chromium/Playwright missing: a failure where CI requires the browser, else a skip."""
+    """Chromium/Playwright missing is a failure naming the fix, never a skip: a skipped
+    browser test would prove nothing about the app a user starts."""
     why = _missing()
-    if why and _required():
-        pytest.fail(f"PCAM_LENS_REQUIRE_BROWSER is set but {why}", pytrace=False)
     if why:
-        pytest.skip(why)
+        pytest.fail(f"{why}. `bash .ci/run` installs both.", pytrace=False)
 
 
 def test_browser_is_available():
-    """Fails (not skips) without Chromium/Playwright when PCAM_LENS_REQUIRE_BROWSER is set."""
+    """Fails (does not skip) without Chromium/Playwright."""
     _require_browser()
 
 
