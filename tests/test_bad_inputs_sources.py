@@ -3,7 +3,6 @@ wrong (or, for the harmless ones, open fine). Nothing here needs the real sample
 truncated-TIFF case, which falls back to a PIL-written TIFF."""
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import struct
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_rows
 from PIL import Image
 
 from model.errors import DataError, PcamLensError
@@ -26,21 +26,12 @@ def patch(seed=0, h=96, w=96):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def write_csv(path: Path, rows, header=("id", "label"), encoding="utf-8") -> Path:
-    with open(path, "w", newline="", encoding=encoding) as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
 def kaggle(tmp_path, rows, images=None, header=("id", "label")) -> Path:
     """A Kaggle folder with train_labels.csv `rows`; images: id -> array or bytes (default: a
     random 96x96 patch for every id in rows)."""
     root = tmp_path / "kaggle"
     (root / "train").mkdir(parents=True)
-    write_csv(root / "train_labels.csv", rows, header=header)
+    write_rows(root / "train_labels.csv", rows, header=header)
     if images is None:
         images = {str(r[0]): patch(k) for k, r in enumerate(rows)}
     for pid, img in images.items():
@@ -88,7 +79,7 @@ def test_test_split_with_ids_missing_from_folder(tmp_path):
     root = kaggle(tmp_path, [("a", 0)])
     (root / "test").mkdir()
     Image.fromarray(patch()).save(root / "test" / "t1.tif")
-    write_csv(root / "sample_submission.csv", [("t1", 0), ("t2", 0)])
+    write_rows(root / "sample_submission.csv", [("t1", 0), ("t2", 0)])
     raises("have no file", open_source, root, "test")
 
 
@@ -152,7 +143,7 @@ def test_csv_with_bom_extra_columns_and_odd_header_case(tmp_path):
     (root / "train").mkdir(parents=True)
     for k, pid in enumerate(["a", "b", "c"]):
         Image.fromarray(patch(k)).save(root / "train" / f"{pid}.tif")
-    write_csv(root / "train_labels.csv",
+    write_rows(root / "train_labels.csv",
               [("slide1", "a", 1, "x"), ("slide2", "b", 0, "y"), ("slide2", "c", 1, "z")],
               header=("wsi", " ID", "Label ", "comment"), encoding="utf-8-sig")
     assert (root / "train_labels.csv").read_bytes().startswith(b"\xef\xbb\xbf")

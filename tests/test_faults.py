@@ -15,7 +15,6 @@ is absent, see conftest.patch_files), the built-in synthetic set, and one tiny t
 from __future__ import annotations
 
 import ast
-import csv
 import errno
 import gzip
 import importlib
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import write_rows
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +101,6 @@ def temp_files(root: Path) -> list[Path]:
 
 def real_patch(patch_files, k: int) -> np.ndarray:
     return np.asarray(Image.open(patch_files[k][2]).convert("RGB"))
-
-
-def write_rows(path: Path, rows, header=("id", "label"), encoding="utf-8") -> Path:
-    with open(path, "w", newline="", encoding=encoding) as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def kaggle_dir(root: Path, patch_files, n: int = 12, *, rows=None,
