@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.cli import CLI_TTA, run_cli
+from model.cli import add_inference_options, run_cli
 from model.errors import DataError, RunError
 
 SAMPLES_K = 16
@@ -222,17 +222,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled data (Kaggle folder, PCam .h5, class folders, "
                                   "synthetic); default: the run's validation split")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval/<data>)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--tta", type=int, default=CLI_TTA,
-                   help="dihedral TTA views averaged, 1..8 (default %(default)s: every flip "
-                        "and 90-degree rotation; 1 is 8x faster)")
     p.add_argument("--target-sensitivity", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model first: ~30 s, then ~1.7x faster on a CPU; for "
-                        "large sets")
+    add_inference_options(p)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CI")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model.cli import CLI_TTA, run_cli
+from model.cli import add_inference_options, run_cli
 from model.errors import DataError, RunError
 
 
@@ -179,17 +179,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the trained run (not needed with --merge when --out is given)")
     p.add_argument("--data", required=True,
                    help="Kaggle folder (test/), flat folder of images, or PCam _x.h5 file")
-    p.add_argument("--tta", type=int, default=CLI_TTA,
-                   help="dihedral TTA views averaged, 1..8 (default %(default)s: every flip "
-                        "and 90-degree rotation; 1 is 8x faster)")
     p.add_argument("--out", type=Path,
                    help="CSV to write (default RUN_DIR/predictions/<data>-submission.csv)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model first: ~30 s, then ~1.7x faster on a CPU; for "
-                        "large sets (tens of thousands of patches)")
+    add_inference_options(p)
     p.add_argument("--shard", metavar="RANK/WORLD",
                    help="predict only this contiguous shard; writes a part file (with index)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="PART",
