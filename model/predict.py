@@ -23,153 +23,16 @@ r/WORLD into a part file beside --out, and rank 0 merges the parts into the subm
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from model.cli import add_inference_options, run_cli
-from model.errors import DataError, RunError
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m:
-        raise DataError(f"--shard {text!r} is not RANK/WORLD.", fix="Use e.g. --shard 0/4.")
-    rank, world = int(m.group(1)), int(m.group(2))
-    if world < 1 or rank >= world:
-        raise DataError(f"--shard {text}: need 0 <= RANK < WORLD.",
-                        fix="Shards of 4 are 0/4, 1/4, 2/4 and 3/4.")
-    return rank, world
-
-
-def default_out(run_dir: Path, data, shard: tuple[int, int] | None = None) -> Path:
-    from model.inference import data_name
-
-    name = f"{data_name(data)}-submission"
-    if shard is not None:
-        name += f".part{shard[0]}of{shard[1]}"
-    return Path(run_dir) / "predictions" / f"{name}.csv"
-
-
-def _submission(ids, probs) -> pd.DataFrame:
-    return pd.DataFrame({"id": list(ids), "label": np.asarray(probs, np.float64)})
-
-
-def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
-                   checkpoint: str = "best", shard: tuple[int, int] | None = None,
-                   precision: str = "auto", progress=True, compile: bool = False):
-    """(loaded run, source, DataFrame id,label[,index]) for the test split at `data`."""
-    from model.inference import check_tta, predict_probs, shard_indices
-    from model.run import load_run
-    from model.sources import open_source
-
-    check_tta(tta)
-    loaded = load_run(run_dir, checkpoint)
-    source = open_source(data, split="test", size=loaded.input.patch)
-    indices = None if shard is None else shard_indices(len(source), *shard)
-    probs = predict_probs(loaded, source, tta=tta, batch_size=batch_size, indices=indices,
-                          progress=progress, precision=precision, compile=compile)
-    if indices is None:
-        return loaded, source, _submission(source.ids, probs)
-    df = _submission([source.ids[i] for i in indices], probs)
-    df["index"] = indices
-    return loaded, source, df
-
-
-def _describe_ids(ids: list[str], limit: int = 10) -> str:
-    shown = ", ".join(ids[:limit])
-    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
-
-
-def _ranges(idx: np.ndarray) -> str:
-    """'3-7, 12' for sorted unique indices."""
-    if len(idx) == 0:
-        return ""
-    out, start, prev = [], idx[0], idx[0]
-    for i in idx[1:]:
-        if i != prev + 1:
-            out.append(f"{start}-{prev}" if prev > start else f"{start}")
-            start = i
-        prev = i
-    out.append(f"{start}-{prev}" if prev > start else f"{start}")
-    return ", ".join(out[:10]) + (", ..." if len(out) > 10 else "")
-
-
-def read_part(path: Path) -> pd.DataFrame:
-    path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"id": str})
-    except FileNotFoundError:
-        raise DataError(f"Part file {path} does not exist.", path=path,
-                        fix="Run the missing shard with --shard RANK/WORLD first.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"Part file {path} cannot be read ({e}).", path=path,
-                        fix="Run that shard again.") from None
-    missing = [c for c in ("id", "label", "index") if c not in df.columns]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {missing}; a part file has id,label,index.",
-                        path=path, fix="Pass the files written with --shard.")
-    idx = pd.to_numeric(df["index"], errors="coerce")
-    prob = pd.to_numeric(df["label"], errors="coerce")
-    if idx.isna().any() or (idx % 1 != 0).any():
-        raise DataError(f"{path}: the index column has non-integer values.", path=path,
-                        fix="Run that shard again.")
-    if prob.isna().any() or not np.isfinite(prob).all() or (prob < 0).any() or (prob > 1).any():
-        raise DataError(f"{path}: the label column must hold probabilities in [0, 1].",
-                        path=path, fix="Run that shard again.")
-    return pd.DataFrame({"id": df["id"].astype(str), "label": prob.astype(np.float64),
-                         "index": idx.astype(np.int64), "part": str(path)})
-
-
-def merge_parts(parts: list[Path], source) -> pd.DataFrame:
-    """The submission (id,label in source order) from shard part files; DataError naming the
-    missing / duplicate / foreign ids when the parts do not cover the source exactly once."""
-    if not parts:
-        raise DataError("--merge needs at least one part file.")
-    df = pd.concat([read_part(p) for p in parts], ignore_index=True)
-    n = len(source)
-    out_of_range = df[(df["index"] < 0) | (df["index"] >= n)]
-    if len(out_of_range):
-        bad = _describe_ids(list(out_of_range["id"]))
-        raise DataError(f"{len(out_of_range)} rows of the parts have indices outside 0..{n - 1} "
-                        f"of {source.describe_short()} (ids {bad}); the parts were made for "
-                        "other data.",
-                        fix="Merge with the same --data the shards were predicted on.")
-    expected = np.asarray(source.ids, dtype=object)[df["index"].to_numpy()]
-    wrong = df[expected != df["id"].to_numpy(dtype=object)]
-    if len(wrong):
-        raise DataError(f"{len(wrong)} rows of the parts name ids that do not match "
-                        f"{source.describe_short()} at their index (e.g. "
-                        f"{_describe_ids(list(wrong['id']), 5)}).",
-                        fix="Merge with the same --data the shards were predicted on.")
-    counts = np.bincount(df["index"].to_numpy(), minlength=n)
-    dup = np.flatnonzero(counts > 1)
-    if len(dup):
-        files = sorted(set(df.loc[df["index"].isin(dup), "part"]))
-        raise DataError(f"{len(dup)} ids appear more than once in the parts: "
-                        f"{_describe_ids([source.ids[i] for i in dup])} (in {', '.join(files)}).",
-                        fix="Pass each shard's part file once, and shards of one --shard "
-                            "RANK/WORLD split.")
-    missing = np.flatnonzero(counts == 0)
-    if len(missing):
-        raise DataError(f"{len(missing)} of {n} ids are missing from the parts: "
-                        f"{_describe_ids([source.ids[i] for i in missing])} (indices "
-                        f"{_ranges(missing)}).",
-                        fix="Predict the missing shard(s) with --shard RANK/WORLD and merge "
-                            "all part files.")
-    df = df.sort_values("index", kind="mergesort")
-    return _submission(df["id"], df["label"])
-
-
-def _summary(df: pd.DataFrame, out: Path, extra: str = "") -> str:
-    p = df["label"].to_numpy(np.float64)
-    return (f"{len(p)} patches{extra}: mean P(tumour) {p.mean():.4f}, "
-            f"{(p >= 0.5).mean() * 100:.1f}% >= 0.5. Written: {out}")
-
-
-# --------------------------------------------------------------------------- CLI
+from model.core.atomic import write_csv
+from model.core.cli import add_inference_options, run_cli
+from model.core.errors import DataError, RunError
+from model.data.open import open_source
+from model.evaluation.predict import _summary, merge_parts, parse_shard, predict_source
+from model.runs.format import default_submission_path
+from model.training import distributed
+from model.training.distributed import env_dist
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -191,10 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-    from model.atomic import write_csv
 
     if args.merge:
-        from model.sources import open_source
 
         if args.shard:
             raise DataError("--shard and --merge do not go together.")
@@ -203,14 +64,13 @@ def run(args) -> str:
                             fix="Add --out submission.csv.")
         source = open_source(args.data, split="test")
         df = merge_parts(args.merge, source)
-        out = args.out or default_out(args.run_dir, args.data)
+        out = args.out or default_submission_path(args.run_dir, args.data)
         write_csv(out, df)
         return _summary(df, out, f" merged from {len(args.merge)} parts")
     if args.run_dir is None:
         raise RunError("RUN_DIR is required to predict.",
                        fix="python -m model.predict runs/<name> --data PATH")
     if not args.shard:
-        from model.distributed import env_dist
 
         d = env_dist()
         if d is not None and d.enabled:
@@ -220,7 +80,7 @@ def run(args) -> str:
                                         batch_size=args.batch_size, checkpoint=args.checkpoint,
                                         shard=shard, precision=args.precision,
                                         compile=args.compile, progress=not args.no_progress)
-    out = args.out or default_out(args.run_dir, args.data, shard)
+    out = args.out or default_submission_path(args.run_dir, args.data, shard)
     write_csv(out, df)
     extra = f" (shard {shard[0]}/{shard[1]} of {len(source)})" if shard else ""
     return _summary(df, out, extra) + _notes(loaded, source)
@@ -246,12 +106,10 @@ def run_torchrun(args) -> str:
     """One rank of a torchrun job: predict shard RANK/WORLD into a part file beside the output;
     rank 0 then merges every part (merge_parts checks each id is there exactly once), writes
     the submission and removes the parts. Returns the summary on rank 0, "" elsewhere."""
-    from model import distributed
-    from model.atomic import write_csv
 
     d = distributed.init("cpu", backend="gloo")  # the processes only meet at barriers
     try:
-        out = args.out or default_out(args.run_dir, args.data)
+        out = args.out or default_submission_path(args.run_dir, args.data)
         loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
                                             batch_size=args.batch_size,
                                             checkpoint=args.checkpoint, shard=(d.rank, d.world),

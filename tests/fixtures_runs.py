@@ -43,8 +43,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_run):
-    """model.run.load_run(tiny_run), shared read-only like in the viewer."""
-    from model.run import load_run
+    """model.runs.format.load_run(tiny_run), shared read-only like in the viewer."""
+    from model.runs.load import load_run
 
     if "loaded" not in _BUILT:
         _BUILT["loaded"] = load_run(tiny_run)

@@ -14,9 +14,11 @@ import pytest
 from helpers import write_rows
 from PIL import Image
 
-from model.errors import DataError, PcamLensError
-from model.images import MAX_PIXELS, decode_image
-from model.sources import KaggleSource, open_source, read_labels_csv
+from model.core.errors import DataError, PcamLensError
+from model.data.files import read_labels_csv
+from model.data.images import MAX_PIXELS, decode_image
+from model.data.kaggle import KaggleSource
+from model.data.open import open_source
 
 X_NAME = "camelyonpatch_level_2_split_valid_x.h5"
 Y_NAME = "camelyonpatch_level_2_split_valid_y.h5"

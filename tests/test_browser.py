@@ -285,7 +285,7 @@ def test_browse_detail_shows_the_patch(page, server):
 
 
 def test_review_decision_reaches_the_log(page, server, monkeypatch):
-    from model.review import ReviewLog, default_log_path
+    from model.review.log import ReviewLog, default_log_path
 
     goto(page, server, "Review", "Review")
     name = page.locator("[data-testid='stSidebar'] input[aria-label='Reviewer name']")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.review import ReviewLog
+from model.review.log import ReviewLog
 
 N_PER_WORKER = 500
 N_PATCHES = 37  # prime, so that the two writers' patch sequences interleave differently

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from model.data import EpochSampler
-from model.distributed import SINGLE, env_dist, rank_batch_size
-from model.errors import PcamLensError
+from model.core.errors import PcamLensError
+from model.data.batches import EpochSampler
+from model.training.distributed import SINGLE, env_dist, rank_batch_size
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -111,7 +111,8 @@ def ddp_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_training_writes_a_complete_run(ddp_run):
-    from model.run import load_run, read_config
+    from model.runs.format import read_config
+    from model.runs.load import load_run
 
     for f in ("config.json", "history.csv", "best.safetensors", "last.safetensors",
               "resume.safetensors", "valid_predictions.csv", "metrics.json", "valid_ids.csv",

@@ -15,10 +15,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures_runs import ROOT, tiny_loaded, tiny_run  # noqa: E402,F401
 
-from model import evaluate, predict  # noqa: E402
-from model.errors import DataError  # noqa: E402
-from model.evaluate import evaluate_run  # noqa: E402
-from model.sources import open_source  # noqa: E402
+from model import evaluate, predict
+from model.core.errors import DataError
+from model.data.open import open_source
+from model.evaluation.evaluate import evaluate_run
+from model.runs.format import default_out_dir, default_submission_path
 
 SYNTH_TEST = "synthetic:n=23,seed=5"  # 23 patches: shards of 12 and 11
 
@@ -88,10 +89,10 @@ def test_evaluate_numbers_agree_with_sklearn(evaluated):
 
 def test_evaluate_probs_match_predict_probs(evaluated, tiny_loaded, tiny_run):
     """evaluate re-runs inference: its probabilities are the run's model on the same rows."""
-    from model.inference import predict_probs
+    from model.evaluation.inference import predict_probs
 
     cfg = json.loads((tiny_run / "config.json").read_text())
-    from model.sources import reopen_source
+    from model.data.open import reopen_source
 
     src = reopen_source(cfg["data"])
     idx = [src.index_of(i) for i in evaluated.predictions["id"][:8]]
@@ -103,10 +104,10 @@ def test_evaluate_other_labelled_data_and_default_out(tiny_run, tmp_path):
     res = evaluate_run(tiny_run, "synthetic:n=30,seed=3", n_boot=50, progress=False, tta=2,
                        out=tmp_path / "o")
     assert res.metrics["n"] == 30 and res.metrics["tta"] == 2
-    assert evaluate.default_out_dir(tiny_run, "synthetic:n=30,seed=3") == \
+    assert default_out_dir(tiny_run, "synthetic:n=30,seed=3") == \
         tiny_run / "eval" / "synthetic_n_30_seed_3"
-    assert evaluate.default_out_dir(tiny_run, None) == tiny_run / "eval" / "valid"
-    assert evaluate.default_out_dir(tiny_run, "/x/valid") == tiny_run / "eval" / "data-valid"
+    assert default_out_dir(tiny_run, None) == tiny_run / "eval" / "valid"
+    assert default_out_dir(tiny_run, "/x/valid") == tiny_run / "eval" / "data-valid"
 
 
 def test_evaluate_unlabelled_data_is_refused(tiny_run, tmp_path):
@@ -184,9 +185,9 @@ def test_predict_real_test_folder(tiny_run, kaggle_sample, tmp_path, capsys):
 
 
 def test_predict_default_out(tiny_run):
-    assert predict.default_out(tiny_run, "/d/pcam-sample") == \
+    assert default_submission_path(tiny_run, "/d/pcam-sample") == \
         tiny_run / "predictions" / "pcam-sample-submission.csv"
-    assert predict.default_out(tiny_run, "/d/pcam-sample", (1, 4)).name == \
+    assert default_submission_path(tiny_run, "/d/pcam-sample", (1, 4)).name == \
         "pcam-sample-submission.part1of4.csv"
 
 
@@ -261,7 +262,7 @@ def test_bad_shard_spec(tiny_run, tmp_path, capsys):
 def test_interrupted_prediction_leaves_nothing(tiny_run, tmp_path, monkeypatch, capsys):
     """KeyboardInterrupt after the first batch of the hot loop: no submission, no temp file,
     and an existing submission is left as it was."""
-    import model.inference as inf
+    import model.evaluation.inference as inf
 
     real_update = inf._Progress.update
 

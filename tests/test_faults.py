@@ -602,8 +602,8 @@ def test_symlinks_inside_the_data_folder_are_fine_outside_refused(tmp_path, patc
     """Decision: a patch file that is a symbolic link resolving outside the data folder is not
     read (DataError naming it; inspect counts it unreadable; --drop-bad drops it). Links inside
     the folder, and a linked train/ folder as a whole, are followed."""
-    from model.errors import DataError
-    from model.sources import open_source
+    from model.core.errors import DataError
+    from model.data.open import open_source
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -678,7 +678,7 @@ _SLOW_WRITER = textwrap.dedent('''
 
     sys.path.insert(0, {repo!r})
     marker, target, nth, module = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    import model.atomic as A
+    import model.core.atomic as A
 
     calls = {{"n": 0}}
 
@@ -748,7 +748,8 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path, nth, epochs_kept)
     loaders, and --resume removes the leftover and completes the run. Write 1 of
     resume.safetensors is the resume point before the first epoch, write 2 commits epoch 1,
     write 3 epoch 2."""
-    from model.run import list_runs, load_run, read_safetensors
+    from model.runs.format import list_runs, read_safetensors
+    from model.runs.load import load_run
     from model.train import main as train_main
 
     run = tmp_path / "runs" / "cut"
@@ -795,12 +796,15 @@ def test_sigkill_while_writing_the_submission(trained_run, tmp_path):
 
 def test_every_file_write_in_model_goes_through_atomic():
     """No direct writes in model/: open(..., 'w'), .to_csv(path), .write_text/.write_bytes,
-    np.save(path), json.dump, torch.save, except inside model/atomic.py and the pack builder,
-    which writes a temporary folder that is renamed into place as a whole."""
-    allowed = {"atomic.py", "pack.py"}
+    np.save(path), json.dump, torch.save, except inside model/core/atomic.py and the pack
+    builder, which writes a temporary folder that is renamed into place as a whole. Every
+    subpackage of model/ is scanned."""
+    allowed = {REPO / "model" / "core" / "atomic.py", PACK_MODULE}
     bad = []
-    for py in sorted((REPO / "model").glob("*.py")):
-        if py.name in allowed:
+    scanned = _sources("model")
+    assert len(scanned) > 30 and any(p.parent.name == "training" for p in scanned)
+    for py in scanned:
+        if py in allowed:
             continue
         tree = ast.parse(py.read_text(), str(py))
         for node in ast.walk(tree):
@@ -814,17 +818,17 @@ def test_every_file_write_in_model_goes_through_atomic():
                                                         if k.arg == "mode"]
                 mode = modes[0].value if modes and isinstance(modes[0], ast.Constant) else "r"
                 if owner == "os" or any(c in str(mode) for c in "wax+"):
-                    bad.append(f"{py.name}:{node.lineno} {ast.unparse(node)}")
+                    bad.append(f"{py.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
             elif name in ("write_text", "write_bytes") and isinstance(f, ast.Attribute):
-                bad.append(f"{py.name}:{node.lineno} {ast.unparse(node)}")
+                bad.append(f"{py.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
             elif name == "to_csv" and (node.args or any(k.arg == "path_or_buf"
                                                         for k in node.keywords)):
-                bad.append(f"{py.name}:{node.lineno} {ast.unparse(node)}")
+                bad.append(f"{py.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
             elif (owner, name) in (("np", "save"), ("numpy", "save"), ("json", "dump"),
                                    ("torch", "save"), ("np", "savez")):
-                bad.append(f"{py.name}:{node.lineno} {ast.unparse(node)}")
+                bad.append(f"{py.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
     # the pack builder writes only under its temporary folder
-    pack_src = (REPO / "model" / "pack.py").read_text()
+    pack_src = PACK_MODULE.read_text()
     for m in re.finditer(r'open\(([^,]+), "wb"\)', pack_src):
         assert m.group(1).startswith("tmp /") or m.group(1) == "path", m.group(0)
     assert not bad, "direct (non-atomic) writes:\n" + "\n".join(bad)
@@ -911,7 +915,7 @@ def test_disk_full_mid_training_keeps_the_run_and_resume_completes(tmp_path, cap
                                                                    monkeypatch):
     """The disk fills up while epoch 2 is being saved: a clear error, every file of epoch 1
     intact byte for byte, and once there is space again --resume completes the run."""
-    import model.atomic as A
+    import model.core.atomic as A
 
     run = tmp_path / "run"
     real_open, real_replace, snapshot, calls = A.atomic_open, os.replace, {}, []
@@ -961,8 +965,8 @@ def test_review_log_on_a_full_or_read_only_disk(tmp_path, monkeypatch, failure):
     StorageError naming the log, the decisions recorded before unchanged."""
     import sqlite3
 
-    from model.errors import PcamLensError, StorageError
-    from model.review import ReviewLog
+    from model.core.errors import PcamLensError, StorageError
+    from model.review.log import ReviewLog
 
     log = ReviewLog(tmp_path / "review_log.sqlite")
     for i in range(5):
@@ -992,8 +996,8 @@ def test_review_log_on_a_full_or_read_only_disk(tmp_path, monkeypatch, failure):
 
 
 def test_review_export_on_a_full_disk_keeps_the_old_export(tmp_path, monkeypatch):
-    from model.errors import StorageError
-    from model.review import ReviewLog
+    from model.core.errors import StorageError
+    from model.review.log import ReviewLog
 
     log = ReviewLog(tmp_path / "log.sqlite")
     log.record("dr a", "run", "p1", "relabel", 1, new_label=0)
@@ -1014,6 +1018,10 @@ def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             yield node, ast.unparse(node.func)
+
+
+OPT_IN_MODULE = REPO / "model" / "runs" / "load.py"  # load_export_pkl, behind allow_pickle
+PACK_MODULE = REPO / "model" / "data" / "pack.py"
 
 
 def _sources(*folders: str) -> list[Path]:
@@ -1044,16 +1052,16 @@ def test_no_unpickling_outside_the_explicit_opt_in():
                 if not (isinstance(v, ast.Constant) and v.value is False):
                     bad.append(where)
             elif fn.endswith("load_learner"):
-                if py.name != "run.py":
+                if py != OPT_IN_MODULE:
                     bad.append(where)
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and py.name != "run.py" and any(
+            if isinstance(node, ast.ImportFrom) and py != OPT_IN_MODULE and any(
                     a.name in ("load_learner", "load") and node.module in (
                         "fastai.learner", "pickle", "joblib", "dill") for a in node.names):
                 bad.append(f"{py.relative_to(REPO)}:{node.lineno} imports "
                            f"{node.module}.{node.names[0].name}")
     assert not bad, "unpickling outside the opt-in:\n" + "\n".join(bad)
-    run_src = (REPO / "model" / "run.py").read_text()
+    run_src = OPT_IN_MODULE.read_text()
     fn = run_src[run_src.index("def load_export_pkl"):]
     assert fn.index("if not allow_pickle") < fn.index("load_learner(")
 
@@ -1063,8 +1071,8 @@ def test_load_export_pkl_refuses_without_opt_in(tmp_path):
     never opened."""
     import pickle
 
-    from model.errors import RunError
-    from model.run import load_export_pkl
+    from model.core.errors import RunError
+    from model.runs.load import load_export_pkl
 
     marker = tmp_path / "pwned"
 
@@ -1082,11 +1090,11 @@ def test_load_export_pkl_refuses_without_opt_in(tmp_path):
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
-    """model.images.MAX_PIXELS is checked on the header: a PNG claiming 30000x30000 pixels
+    """model.data.images.MAX_PIXELS is checked on the header: a PNG claiming 30000x30000 pixels
     (900 M, 2.7 GB decoded) is refused without any pixel being decoded, as is one just over
     the limit."""
-    from model.errors import DataError
-    from model.images import MAX_PIXELS, decode_image
+    from model.core.errors import DataError
+    from model.data.images import MAX_PIXELS, decode_image
 
     decoded = []
     real_load = Image.Image.load
@@ -1112,18 +1120,20 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
 
 def test_viewer_binds_localhost_and_limits_uploads():
     """.streamlit/config.toml binds 127.0.0.1 and caps uploads; every st.file_uploader in the
-    viewer sits next to a count limit and decodes through model.images.decode_image (the
-    pixel limit)."""
+    viewer sits next to a count limit and decodes through model.data.uploads.decode_uploads,
+    which decodes with model.data.images.decode_image (the pixel limit)."""
     cfg_path = REPO / ".streamlit" / "config.toml"
     assert cfg_path.is_file(), "no .streamlit/config.toml: the viewer would bind 0.0.0.0"
     cfg = tomllib.loads(cfg_path.read_text())
     assert cfg["server"]["address"] in ("127.0.0.1", "localhost")
     assert 1 <= int(cfg["server"].get("maxUploadSize", 200)) <= 200
+    uploads = (REPO / "model" / "data" / "uploads.py").read_text()
+    assert "decode_image(path)" in uploads and "from model.data.images import" in uploads
     uploaders = [p for p in _sources("viewer") if "file_uploader(" in p.read_text()]
     assert uploaders, "the viewer has no upload any more? update this test"
     for py in uploaders:
         text = py.read_text()
-        assert "decode_image" in text, f"{py}: uploads not decoded by model.images"
+        assert "decode_uploads" in text, f"{py}: uploads not decoded by model.data.uploads"
         assert re.search(r"len\(\w+\)\s*>\s*\w+", text), f"{py}: no limit on the file count"
         assert re.search(r"MAX_(MB|BYTES|UPLOAD)|max_upload_size|maxUploadSize", text), \
             f"{py}: no size limit"
@@ -1132,9 +1142,9 @@ def test_viewer_binds_localhost_and_limits_uploads():
 def test_csv_ids_cannot_leave_the_data_folder(tmp_path, patch_files):
     """Every id read from a CSV is a plain file name (covered per CLI above); here the same
     through every CSV reader the CLIs use: train_labels.csv, sample_submission.csv, --valid-ids."""
-    from model.errors import DataError
-    from model.sources import open_source
-    from model.splits import make_split
+    from model.core.errors import DataError
+    from model.data.open import open_source
+    from model.data.splits import make_split
 
     root = kaggle_dir(tmp_path / "k", patch_files)
     (root / "test").mkdir()

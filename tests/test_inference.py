@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fixtures_runs import tiny_loaded, tiny_run  # noqa: E402,F401
 
-from model.errors import DataError  # noqa: E402
-from model.inference import data_name, predict_arrays, predict_probs, shard_indices  # noqa: E402
-from model.presets import prepare  # noqa: E402
-from model.sources import open_source  # noqa: E402
+from model.core.errors import DataError
+from model.data.open import open_source
+from model.evaluation.inference import predict_arrays, predict_probs, shard_indices
+from model.nets.transforms import prepare
+from model.runs.format import data_name
 
 MAX_DIFF, MEAN_DIFF, AUC_DIFF = 0.05, 0.01, 0.01
 N_REAL = 1024  # real patches for the bf16 check (both precisions: ~40 s on two busy cores)
@@ -66,7 +67,7 @@ def test_fp32_matches_reference(tiny_loaded, synth_source, synth_patches):
 def test_bf16_close_to_fp32_on_real_patches(tiny_loaded, kaggle_sample):
     from sklearn.metrics import roc_auc_score
 
-    from model.train import cpu_has_bf16
+    from model.core.runtime import cpu_has_bf16
 
     # 'auto' is bf16 where the hardware has it; elsewhere ask for bf16 (emulated, slower)
     native = cpu_has_bf16() or torch.cuda.is_available()
@@ -104,7 +105,7 @@ def test_tta8_is_invariant_to_dihedral_transforms(tiny_loaded, synth_patches, op
 
 
 def test_tta_averages_softmax_of_views(tiny_loaded, synth_patches):
-    from model.presets import dihedral
+    from model.nets.transforms import dihedral
 
     x = synth_patches[:4]
     xp = prepare(torch.from_numpy(x), tiny_loaded.input)

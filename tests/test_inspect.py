@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.errors import DataError
-from model.inspect import InspectReport, filter_source, inspect_source, main
-from model.sources import PCAM_CLASSES, PatchSource, SubsetSource, open_source
+from model.core.errors import DataError
+from model.data.base import PCAM_CLASSES, PatchSource, SubsetSource
+from model.data.inspect import InspectReport, filter_source, inspect_source
+from model.data.open import open_source
+from model.inspect import main
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

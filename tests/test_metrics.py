@@ -23,8 +23,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from model import metrics as m
-from model.errors import DataError
+from model.core.errors import DataError
+from model.evaluation import metrics as m
 
 
 def make_data(n: int = 500, seed: int = 0, separation: float = 1.0, pos_frac: float = 0.4,

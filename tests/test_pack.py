@@ -13,18 +13,20 @@ import shutil
 import numpy as np
 import pytest
 
-from model import pack as packmod
-from model.errors import DataError
-from model.pack import (
+from model.core.errors import DataError
+from model.data import pack as packmod
+from model.data.base import SubsetSource
+from model.data.kaggle import KaggleSource
+from model.data.open import open_source
+from model.data.pack import (
     ARRAY_NAME,
     PackedSource,
     load_pack,
-    main,
     open_packed_if_fresh,
-    pack,
     verify_pack,
 )
-from model.sources import KaggleSource, SubsetSource, open_source
+from model.data.packing import pack
+from model.pack import main
 
 N_TRAIN = 200
 
@@ -141,7 +143,7 @@ def test_pack_files_and_pack_json(kaggle):
     assert np.array_equal(mm[7], KaggleSource(kaggle).read(7))
     assert (target / "ids.txt").read_text().split("\n")[:-1] == KaggleSource(kaggle).ids
     assert np.load(target / "labels.npy").tolist() == KaggleSource(kaggle).labels.tolist()
-    from model.inspect import ids_fingerprint
+    from model.data.base import ids_fingerprint
 
     assert meta["ids_sha1"] == ids_fingerprint(KaggleSource(kaggle).ids)
     assert _leftovers(target.parent) == []
@@ -407,7 +409,7 @@ def test_pcam_h5_folder_packs_too(h5_sample, tmp_path):
 
 
 def test_loader_workers_read_the_pack(kaggle):
-    from model.data import iter_batches
+    from model.data.batches import iter_batches
 
     pack(kaggle, "train", progress=False)
     src = open_source(kaggle)

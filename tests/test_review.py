@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,13 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # also importable when pytest is not run from the repo root
-    sys.path.insert(0, str(ROOT))
-
-from model import review  # noqa: E402
-from model.errors import PcamLensError  # noqa: E402
-from model.review import ReviewError, ReviewLog, default_log_path, review_queue  # noqa: E402
+from model.core.errors import PcamLensError
+from model.review import log as review
+from model.review.log import ReviewError, ReviewLog, default_log_path, review_queue
 
 
 @pytest.fixture
@@ -331,7 +326,7 @@ N_PER_WORKER = 500
 
 
 def _worker(path: str, name: str, n: int, start) -> None:
-    from model.review import ReviewLog as Log
+    from model.review.log import ReviewLog as Log
 
     log = Log(path)  # both processes also create the schema at the same time
     start.wait(30)

@@ -1,4 +1,4 @@
-"""model.runtime.tune_allocator: applied on Linux/glibc, idempotent, and it does what it is for
+"""model.core.runtime.tune_allocator: applied on Linux/glibc, idempotent, and it does what it is for
 (large tensors no longer page-fault on every allocation)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 _PROBE = r"""
 import resource, sys, torch
 sys.path.insert(0, {repo!r})
-from model.runtime import tune_allocator
+from model.core.runtime import tune_allocator
 if {tune}:
     assert tune_allocator() is True and tune_allocator() is True
 def faults():
@@ -40,7 +40,7 @@ def test_large_tensors_reuse_heap_memory_instead_of_faulting_in_new_pages():
 
 
 def test_can_be_turned_off(monkeypatch):
-    import model.runtime as rt
+    import model.core.runtime as rt
 
     monkeypatch.setattr(rt, "_done", None)
     monkeypatch.setenv("PCAM_LENS_NO_MALLOPT", "1")

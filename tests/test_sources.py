@@ -6,13 +6,10 @@ import csv
 import numpy as np
 from PIL import Image
 
-from model.sources import (
-    ClassFolderSource,
-    ImageFolderSource,
-    KaggleSource,
-    PcamH5Source,
-    open_source,
-)
+from model.data.folders import ClassFolderSource, ImageFolderSource
+from model.data.hdf5 import PcamH5Source
+from model.data.kaggle import KaggleSource
+from model.data.open import open_source
 
 
 def _csv_ids(path):

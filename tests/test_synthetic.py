@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from model import synthetic
-from model.synthetic import SyntheticSource, make_patch
+from model.data import synthetic
+from model.data.synthetic import SyntheticSource, make_patch
 
 N = 500
 

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from model.run import load_run, read_config, read_safetensors
+from model.runs.format import read_config, read_safetensors
+from model.runs.load import load_run
 from model.train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,8 +67,8 @@ def test_run_directory_is_complete_and_self_describing(tiny_run):
 def test_load_run_reproduces_validation_predictions(tiny_run):
     """load_run (config.json + safetensors only) rebuilds the exact model: its fp32 outputs on
     the validation patches match what training recorded (under bf16 autocast) closely."""
-    from model.presets import prepare
-    from model.sources import open_source
+    from model.data.open import open_source
+    from model.nets.transforms import prepare
 
     loaded = load_run(tiny_run)
     assert not loaded.model.training
@@ -134,7 +135,7 @@ def test_sigkill_mid_epoch_then_resume_completes_the_run(tmp_path):
 def test_interrupted_then_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     """Resuming restores weights, optimizer moments, data order and augmentation seeds: a run
     stopped after epoch 2 and resumed ends bit-for-bit where an uninterrupted run ends."""
-    from model import callbacks
+    from model.training import callbacks
 
     args = [*TINY, "--data", "synthetic:n=120", "--frozen-epochs", "1", "--epochs", "2"]
     assert train_main([*args, "--run-dir", str(tmp_path / "ref")]) == 0
@@ -168,7 +169,7 @@ def test_resume_of_a_run_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 def test_future_run_format_is_refused(tiny_run, tmp_path):
-    from model.errors import RunError
+    from model.core.errors import RunError
 
     cfg = json.loads((tiny_run / "config.json").read_text())
     cfg["format_version"] = 99
@@ -180,21 +181,22 @@ def test_future_run_format_is_refused(tiny_run, tmp_path):
 
 
 def test_default_preset_follows_the_data(kaggle_sample):
-    """`python -m model.train` with no --preset: quick on the synthetic set (a demo), standard
-    on real patches (full 96 px patch upsampled to 144, more epochs): the command the README
-    gives for real data gets the settings that reach AUC >= 0.93 there."""
-    from model.train import get_args_parser, prepare_new
+    """`python -m model.train` with no --preset resolves like --preset standard on real
+    patches (the README's real-data command) and like --preset quick on the synthetic set;
+    an explicit option wins over the preset's value."""
+    from model.train import get_args_parser
+    from model.training.config import TrainConfig
+    from model.training.prepare import prepare_new
 
     def prepared(*argv):
         args = get_args_parser().parse_args([*argv, "--no-checks", "--max-items", "100"])
-        return prepare_new(args, log=lambda *_: None).config
+        return prepare_new(TrainConfig.from_args(args), log=lambda *_: None).config
 
-    real = prepared("--data", str(kaggle_sample))
-    assert real["train"]["preset"] == "standard"
-    assert (real["_input"]["crop"], real["_input"]["size"]) == (96, 144)
-    assert (real["train"]["frozen_epochs"], real["train"]["epochs"]) == (1, 6)
+    real = str(kaggle_sample)
+    assert prepared("--data", real) == prepared("--data", real, "--preset", "standard")
     synthetic = prepared("--data", "synthetic:n=100")
-    assert synthetic["train"]["preset"] == "quick"
-    assert (synthetic["_input"]["crop"], synthetic["_input"]["size"]) == (64, 96)
-    explicit = prepared("--data", str(kaggle_sample), "--preset", "quick", "--epochs", "2")
-    assert explicit["train"]["preset"] == "quick" and explicit["train"]["epochs"] == 2
+    assert synthetic == prepared("--data", "synthetic:n=100", "--preset", "quick")
+    assert synthetic != prepared("--data", "synthetic:n=100", "--preset", "standard")
+    explicit = prepared("--data", real, "--preset", "quick", "--epochs", "2", "--crop", "80")
+    assert explicit.schedule.epochs == 2 and explicit.schedule.preset == "quick"
+    assert (explicit.input.crop, explicit.input.size) == (80, 80)  # --crop alone: fed as is

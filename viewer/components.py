@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from model.data.base import centre_box
+
 TUMOUR_RGB = (230, 40, 40)  # box colour of label 1
 NORMAL_RGB = (30, 190, 70)  # box colour of label 0
 UNKNOWN_RGB = (250, 210, 0)  # box colour when the patch has no label
@@ -33,7 +35,6 @@ def patch_image(rgb: np.ndarray, label=None, size: int = 192, box: bool = True,
     96-px PNG encodes ~6x faster than a 192-px one."""
     import cv2
 
-    from model.sources import centre_box
 
     f = max(1, round(size / rgb.shape[0]))
     img = np.ascontiguousarray(np.repeat(np.repeat(rgb, f, 0), f, 1)) if f > 1 \

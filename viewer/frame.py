@@ -7,7 +7,7 @@ import traceback
 
 import streamlit as st
 
-from model.errors import PcamLensError
+from model.core.errors import PcamLensError
 from viewer import components as ui
 from viewer import preds, state
 

@@ -12,14 +12,21 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from model.errors import PcamLensError
-from viewer.state import Context, api, loaded, open_source_cached, run_csv, run_metrics
+from model.core.errors import PcamLensError
+from model.data.open import reopen_source
+from model.evaluation.evaluate import evaluate_run
+from model.evaluation.inference import predict_arrays, predict_probs
+from model.evaluation.metrics import complete_prediction_table, prediction_table
+from model.nets.gradcam import gradcam, gradcam_layers
+from model.nets.gradcam import overlay as gradcam_overlay
+from model.runs.format import read_config
+from model.runs.summary import belongs_to, find_evaluation
+from viewer.state import Context, RunKey, SourceKey, loaded, open_source_cached, run_csv
 
 MODEL_LOCK = threading.RLock()
 _MEMO_LOCK = threading.Lock()
@@ -60,43 +67,17 @@ def _memo(key: tuple, make, keep: int = 8):
     return value
 
 
-def _finish(df: pd.DataFrame, source, threshold: float = 0.5) -> pd.DataFrame:
-    from model.metrics import per_patch_losses
-
-    df = df.copy()
-    df["id"] = df["id"].astype(str)
-    lab = pd.to_numeric(df["label"], errors="coerce") if "label" in df else None
-    if lab is None or lab.isna().any():
-        df["label"] = lab if lab is not None else np.nan
-        df["loss"] = np.nan
-    else:
-        df["label"] = lab.astype(int)
-        if "loss" not in df:
-            df["loss"] = per_patch_losses(lab.to_numpy(), df["prob"].to_numpy())
-    df["pred"] = (df["prob"] >= threshold).astype(int)
-    df["correct"] = np.where(df["label"].isna(), np.nan, df["pred"] == df["label"])
+def _finish(df: pd.DataFrame, source) -> pd.DataFrame:
+    """The prediction table (model.evaluation.metrics) plus `idx`, the patch's row in `source`
+    where its pixels are read (-1 when absent)."""
+    df = complete_prediction_table(df)
     df["idx"] = (pd.Index(source.ids).get_indexer(df["id"]) if source is not None
                  else np.full(len(df), -1))
     return df
 
 
-def same_data(cfg: dict, source) -> bool:
-    """True when `source` is the data the run was trained on (so its validation ids apply)."""
-    d = cfg.get("data", {})
-    if (d.get("split") or "train") != (source.split or "train"):
-        return False
-    if source.synthetic or d.get("synthetic"):
-        return bool(source.synthetic and d.get("synthetic")
-                    and d.get("seed", 0) == getattr(source, "seed", 0))
-    try:
-        return Path(str(d.get("path"))).resolve() == Path(str(source.describe()["path"])).resolve()
-    except (OSError, TypeError):
-        return False
-
-
 @st.cache_resource(max_entries=2, show_spinner="Opening the run's data...")
 def _run_source(desc_json: str):
-    from model.sources import reopen_source
 
     return reopen_source(json.loads(desc_json))
 
@@ -104,13 +85,12 @@ def _run_source(desc_json: str):
 def validation_predictions(c: Context) -> Predictions | None:
     """The run's valid_predictions.csv, with pixels from the sidebar source when it is the
     run's data, else from the run's data re-opened (None pixels when that fails)."""
-    from model.run import read_config
 
     df = run_csv(c.run_dir, "valid_predictions.csv")
     if df is None or not {"id", "prob"} <= set(df.columns):
         return None
     cfg = read_config(c.run_dir)
-    source = c.source if c.source is not None and same_data(cfg, c.source) else None
+    source = c.source if c.source is not None and belongs_to(cfg, c.source) else None
     where, sk = "the chosen source", c.src_key
     if source is None:
         desc = json.dumps(cfg.get("data", {}), sort_keys=True)
@@ -130,7 +110,7 @@ def source_predictions(c: Context) -> Predictions | None:
     (model.evaluate files in <run>/eval/<data name>/, also those made with the CLI)."""
     if c.run_key is None or c.src_key is None:
         return None
-    key = (c.run_key, c.src_key, 1)
+    key = (c.run_key, c.src_key, 1)  # (RunKey, SourceKey, TTA views)
     df = _store().get(key)
     if df is not None:
         return Predictions(df, f"all {len(df):,} patches of {c.source.describe_short()} "
@@ -138,31 +118,24 @@ def source_predictions(c: Context) -> Predictions | None:
     return evaluated_predictions(c)
 
 
-def _eval_dir(c: Context) -> Path | None:
-    ev = api()["evaluate"]
-    if ev is None or c.source is None or not c.source.labelled or c.src_key[1] != "train":
-        return None
-    return ev.default_out_dir(c.run_dir, c.src_key[0])
+def _evaluable(c: Context) -> bool:
+    """Whole-source predictions of labelled training data go through model.evaluate."""
+    return c.source is not None and c.source.labelled and c.src_key.split == "train"
 
 
 def evaluated_predictions(c: Context) -> Predictions | None:
-    d = _eval_dir(c)
-    m = run_metrics(d) if d is not None else None
-    if not m or m.get("checkpoint_mtime") != c.run_key[2]:
+    if not _evaluable(c):
         return None
-    mine, theirs = c.source.describe(), m.get("data") or {}
-    if any(mine.get(k) != theirs.get(k) for k in ("kind", "path", "n", "seed")):
-        return None
-    df = run_csv(d, "predictions.csv")
+    ev = find_evaluation(c.run_dir, c.src_key.spec, c.source, c.run_key.mtime)
+    df = run_csv(ev.out_dir, "predictions.csv") if ev is not None else None
     if df is None or not {"id", "label", "prob"} <= set(df.columns):
         return None
-    token = ("eval", str(d), (d / "predictions.csv").stat().st_mtime, c.src_key)
-    overlap = m.get("n_training_overlap") or 0
-    warning = (f"{overlap:,} of these patches were training patches of run {c.run_name}: "
-               "metrics on them are optimistic." if overlap else None)
+    token = ("eval", str(ev.out_dir), ev.predictions_csv.stat().st_mtime, c.src_key)
+    warning = (f"{ev.training_overlap:,} of these patches were training patches of run "
+               f"{c.run_name}: metrics on them are optimistic." if ev.training_overlap else None)
     return Predictions(_memo(token, lambda: _finish(df, c.source)),
                        f"all {len(df):,} patches of {c.source.describe_short()}, evaluated "
-                       f"with run {c.run_name}, TTA ×{m.get('tta', 1)} (files in {d})",
+                       f"with run {c.run_name}, TTA ×{ev.tta} (files in {ev.out_dir})",
                        c.source, True, token, warning)
 
 
@@ -172,18 +145,16 @@ def _store() -> dict:
     return {}
 
 
-def predict_source(rk: tuple, sk: tuple, tta: int = 1, progress=None) -> pd.DataFrame:
+def predict_source(rk: RunKey, sk: SourceKey, tta: int = 1, progress=None) -> pd.DataFrame:
     """Predict every patch of a source (on demand: can take long); kept for this process."""
     store = _store()
     if (rk, sk, tta) in store:
         return store[(rk, sk, tta)]
     src = open_source_cached(sk)
     with MODEL_LOCK:
-        probs = api()["inference"].predict_probs(loaded(rk), src, tta=tta, batch_size=128,
-                                                 progress=progress or False)
-    df = pd.DataFrame({"id": list(src.ids), "prob": np.asarray(probs, np.float64)})
-    df["label"] = src.labels if src.labels is not None else np.nan
-    df = _finish(df, src)
+        probs = predict_probs(loaded(rk), src, tta=tta, batch_size=128,
+                              progress=progress or False)
+    df = _finish(prediction_table(src.ids, src.labels, probs), src)
     with _MEMO_LOCK:
         while len(store) >= 6:
             store.pop(next(iter(store)))
@@ -195,10 +166,9 @@ def compute_source_predictions(c: Context, progress=None) -> Predictions:
     """Predict the whole sidebar source. Labelled data goes through model.evaluate, so the
     predictions and metrics are also written to <run>/eval/<data name>/ and reused after a
     restart; unlabelled data is predicted in memory."""
-    d = _eval_dir(c)
-    if d is not None:
-        api()["evaluate"].evaluate_run(c.run_dir, data=c.src_key[0], checkpoint=c.run_key[1],
-                                       progress=progress or False)
+    if _evaluable(c):
+        evaluate_run(c.run_dir, data=c.src_key.spec, checkpoint=c.run_key.checkpoint,
+                     progress=progress or False)
         p = evaluated_predictions(c)
         if p is not None:
             return p
@@ -214,15 +184,15 @@ def best_predictions(c: Context) -> Predictions | None:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def page_probs(rk: tuple, sk: tuple, indices: tuple) -> np.ndarray:
+def page_probs(rk: RunKey, sk: SourceKey, indices: tuple[int, ...]) -> np.ndarray:
     """Predictions for just the patches on screen (cached per run, checkpoint time, source)."""
     src = open_source_cached(sk)
-    return predict_arrays(rk, src.read_batch(list(indices)))
+    return predict_page(rk, src.read_batch(list(indices)))
 
 
-def predict_arrays(rk: tuple, x: np.ndarray, tta: int = 1) -> np.ndarray:
+def predict_page(rk: RunKey, x: np.ndarray, tta: int = 1) -> np.ndarray:
     with MODEL_LOCK:
-        return np.asarray(api()["inference"].predict_arrays(loaded(rk), x, tta), np.float64)
+        return np.asarray(predict_arrays(loaded(rk), x, tta), np.float64)
 
 
 def patch_table(c: Context) -> tuple[pd.DataFrame, Predictions | None]:
@@ -248,13 +218,13 @@ def patch_table(c: Context) -> tuple[pd.DataFrame, Predictions | None]:
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def gradcam_layer_names(rk: tuple) -> list[str]:
+def gradcam_layer_names(rk: RunKey) -> list[str]:
     with MODEL_LOCK:
-        return list(api()["gradcam"].gradcam_layers(loaded(rk)))
+        return list(gradcam_layers(loaded(rk)))
 
 
 @st.cache_data(max_entries=64, show_spinner="Computing Grad-CAM...")
-def gradcam_heats(rk: tuple, sk: tuple, patch_ids: tuple, layer: str, target: int | None
+def gradcam_heats(rk: RunKey, sk: SourceKey, patch_ids: tuple, layer: str, target: int | None
                   ) -> np.ndarray:
     """Heat maps [n,96,96] of a gallery of patches, computed in one batch."""
     src = open_source_cached(sk)
@@ -263,7 +233,7 @@ def gradcam_heats(rk: tuple, sk: tuple, patch_ids: tuple, layer: str, target: in
 
 
 @st.cache_data(max_entries=512, show_spinner=False)
-def gradcam_heat(rk: tuple, sk: tuple, patch_id: str, layer: str, target: int | None
+def gradcam_heat(rk: RunKey, sk: SourceKey, patch_id: str, layer: str, target: int | None
                  ) -> np.ndarray:
     """Heat map [96,96] in 0..1 of one patch of a source (cached per run, checkpoint time,
     source, patch, layer and class)."""
@@ -272,11 +242,10 @@ def gradcam_heat(rk: tuple, sk: tuple, patch_id: str, layer: str, target: int | 
     return gradcam_arrays(rk, x, layer, target)[0]
 
 
-def gradcam_arrays(rk: tuple, x: np.ndarray, layer: str, target: int | None) -> np.ndarray:
+def gradcam_arrays(rk: RunKey, x: np.ndarray, layer: str, target: int | None) -> np.ndarray:
     with MODEL_LOCK:
-        return np.asarray(api()["gradcam"].gradcam(loaded(rk), x, layer=layer, target=target),
-                          np.float32)
+        return np.asarray(gradcam(loaded(rk), x, layer=layer, target=target), np.float32)
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
-    return api()["gradcam"].overlay(rgb, heat, alpha)
+    return gradcam_overlay(rgb, heat, alpha)

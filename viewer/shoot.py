@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from model.runtime import process_memory_mb  # noqa: E402
+from model.core.runtime import process_memory_mb  # noqa: E402
 
 PAGES = ["browse", "dataset", "runs", "metrics", "gradcam", "review", "inference"]
 

@@ -13,11 +13,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import streamlit as st
 
-from model.errors import DataError, PcamLensError, RunError
+from model.core.atomic import write_json
+from model.core.errors import DataError, RunError
+from model.data.inspect import inspect_source
+from model.data.open import open_source
+from model.review.log import ReviewLog, default_log_path
+from model.runs.format import default_runs_root, read_config
+from model.runs.load import load_run, weights_path
+from model.runs.summary import RunSummary, read_json
 
 SETTINGS_NAME = "viewer.json"
 DEFAULTS = {"source_kind": "synthetic", "path": "", "split": "train", "run": None,
@@ -28,23 +36,21 @@ SOURCE_KINDS = {"synthetic": "Built-in synthetic set", "kaggle": "Kaggle folder"
 BIG_SOURCE = 20_000  # above this, whole-source work (predictions, checks) is on demand only
 
 
-# --------------------------------------------------------------------------- model/ API
+class SourceKey(NamedTuple):
+    """Identifies an opened source in the caches: the stamp changes when the folder or its
+    labels change."""
+
+    spec: str
+    split: str
+    stamp: float
 
 
-@st.cache_resource(show_spinner=False)
-def api() -> dict:
-    """The model/ modules the viewer calls (imported once: they pull in torch)."""
-    import importlib
+class RunKey(NamedTuple):
+    """Identifies a loaded model in the caches: retraining changes the checkpoint's mtime."""
 
-    mods = {}
-    for name in ("inference", "gradcam", "evaluate"):
-        try:
-            mods[name] = importlib.import_module(f"model.{name}")
-        except ImportError as e:
-            raise PcamLensError(f"model.{name} cannot be imported ({e}).",
-                                fix="Update the checkout: the viewer needs model/" + name
-                                    + ".py.") from None
-    return mods
+    run_dir: str
+    checkpoint: str
+    mtime: float
 
 
 # --------------------------------------------------------------------------- settings
@@ -68,7 +74,6 @@ def load_settings() -> dict:
 
 def save_settings(values: dict) -> str | None:
     """Write the settings atomically; return an error message instead of raising."""
-    from model.atomic import write_json
 
     try:
         write_json(settings_path(), {k: values.get(k) for k in DEFAULTS}, fsync=False)
@@ -78,7 +83,6 @@ def save_settings(values: dict) -> str | None:
 
 
 def runs_root(settings: dict) -> Path:
-    from model.run import default_runs_root
 
     return Path(settings["runs_root"]).expanduser() if settings.get("runs_root") \
         else default_runs_root()
@@ -96,8 +100,7 @@ def source_spec(kind: str, path: str) -> str:
     return path
 
 
-def source_key(spec: str, split: str) -> tuple:
-    """(spec, split, stamp): the stamp changes when the folder or its labels change."""
+def source_key(spec: str, split: str) -> SourceKey:
     stamp = 0.0
     if not spec.startswith("synthetic"):
         p = Path(spec).expanduser()
@@ -106,18 +109,17 @@ def source_key(spec: str, split: str) -> tuple:
                 stamp = max(stamp, q.stat().st_mtime)
             except OSError:
                 pass
-    return (spec, split, stamp)
+    return SourceKey(spec, split, stamp)
 
 
 @st.cache_resource(max_entries=6, show_spinner="Opening the data source...")
 def _open_source(spec: str, split: str, stamp: float):
-    from model.sources import open_source
 
     return open_source(spec, split)
 
 
-def open_source_cached(key: tuple):
-    return _open_source(*key)
+def open_source_cached(key: SourceKey):
+    return _open_source(key.spec, key.split, key.stamp)
 
 
 def check_kind(kind: str, source) -> str | None:
@@ -133,47 +135,13 @@ def check_kind(kind: str, source) -> str | None:
 # --------------------------------------------------------------------------- runs
 
 
-def run_summary(run_dir: Path) -> dict:
-    """Name, status and headline metric of a run for the run selector (never raises)."""
-    from model.run import read_config, read_progress
-
-    out = {"name": run_dir.name, "dir": str(run_dir), "status": "unknown", "auc": None,
-           "epochs": "", "arch": "", "data": "", "synthetic": False, "error": None}
-    try:
-        cfg = read_config(run_dir)
-        out["arch"] = cfg.get("model", {}).get("arch", "")
-        d = cfg.get("data", {})
-        out["synthetic"] = bool(d.get("synthetic"))
-        out["data"] = "synthetic" if out["synthetic"] else str(d.get("path"))
-    except PcamLensError as e:
-        out["error"] = str(e)
-    prog = read_progress(run_dir)
-    out["status"] = prog.get("status", "unknown")
-    if "epochs_total" in prog:
-        out["epochs"] = f"{prog.get('epochs_done', 0)}/{prog['epochs_total']}"
-    try:
-        out["auc"] = json.loads((run_dir / "metrics.json").read_text()).get("auc")
-    except (OSError, ValueError, AttributeError):
-        pass
-    return out
-
-
-def run_label(s: dict) -> str:
-    if s["error"]:
-        return f"{s['name']} · broken"
-    auc = f" · AUC {s['auc']:.3f}" if isinstance(s["auc"], (int, float)) else ""
-    status = s["status"] + (f" {s['epochs']}" if s["status"] == "running" else "")
-    return f"{s['name']} · {status}{auc}" + (" · SYNTHETIC" if s["synthetic"] else "")
-
-
-def run_key(run_dir: Path, checkpoint: str) -> tuple:
-    """(run_dir, checkpoint, checkpoint_mtime); RunError when the weights are missing."""
-    from model.run import read_config, weights_path
+def run_key(run_dir: Path, checkpoint: str) -> RunKey:
+    """RunError when the run has no weights of that checkpoint yet."""
 
     read_config(run_dir)
     path = weights_path(run_dir, checkpoint)
     try:
-        return (str(run_dir), checkpoint, path.stat().st_mtime)
+        return RunKey(str(run_dir), checkpoint, path.stat().st_mtime)
     except FileNotFoundError:
         raise RunError(f"Run {run_dir.name} has no {path.name} yet.", path=path,
                        fix="Wait for its first epoch to finish, or pick another run.") from None
@@ -181,13 +149,12 @@ def run_key(run_dir: Path, checkpoint: str) -> tuple:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model...")
 def load_model(run_dir: str, checkpoint: str, mtime: float):
-    from model.run import load_run
 
     return load_run(run_dir, checkpoint)
 
 
-def loaded(rk: tuple):
-    return load_model(*rk)
+def loaded(rk: RunKey):
+    return load_model(rk.run_dir, rk.checkpoint, rk.mtime)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -208,10 +175,7 @@ def run_csv(run_dir: Path, name: str) -> pd.DataFrame | None:
 
 
 def run_metrics(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "metrics.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(run_dir) / "metrics.json")
 
 
 # --------------------------------------------------------------------------- context
@@ -223,12 +187,12 @@ class Context:
 
     settings: dict
     source: object | None = None
-    src_key: tuple | None = None
+    src_key: SourceKey | None = None
     source_error: str | None = None
     run_dir: Path | None = None
-    run_key: tuple | None = None
+    run_key: RunKey | None = None
     run_error: str | None = None
-    runs: list[dict] = field(default_factory=list)
+    runs: list[RunSummary] = field(default_factory=list)
     reviewer: str = ""
 
     @property
@@ -248,7 +212,6 @@ def ctx() -> Context:
 
 
 def review_log(source):
-    from model.review import ReviewLog, default_log_path
 
     return ReviewLog(default_log_path(None if source is None or source.synthetic
                                       else source.root))
@@ -262,12 +225,11 @@ def _inspect_store() -> dict:
     return {}
 
 
-def inspect_report(sk: tuple) -> dict | None:
+def inspect_report(sk: SourceKey) -> dict | None:
     return _inspect_store().get(sk)
 
 
-def run_inspect(sk: tuple, max_items: int | None) -> dict:
-    from model.inspect import inspect_source
+def run_inspect(sk: SourceKey, max_items: int | None) -> dict:
 
     rep = inspect_source(open_source_cached(sk), progress=False, max_items=max_items,
                          workers=2).to_dict()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from model.runs.format import read_progress
+
 REPO = Path(__file__).resolve().parent.parent
 POLL_S = 2
 GIVE_UP_S = 3 * 3600  # stop polling a job that has not finished after this long
@@ -66,7 +68,6 @@ def has_jobs() -> bool:
 @st.fragment(run_every=POLL_S)
 def progress_panel() -> None:
     """Progress of running training jobs; when one finishes, select it and rerun the app."""
-    from model.run import read_progress
 
     for run_dir, job in list(_jobs().items()):
         name = Path(run_dir).name

@@ -8,6 +8,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from model.nets.transforms import AugmentConfig, augmentation_views
+from model.runs.format import read_config
+from model.runs.summary import training_augmentation
 from viewer import components as ui
 from viewer import frame, preds, state
 
@@ -220,25 +223,15 @@ def _detail(c, pid: str) -> None:
 
 
 def _augmentations(c, x: np.ndarray, seed: int, n: int = 6) -> tuple[list[np.ndarray], str]:
-    """n random training augmentations (model.presets.augment) with the run's settings."""
-    import torch
-
-    from model.presets import AugmentConfig, augment, to_float
-
+    """n random training augmentations with the run's settings (model.nets.transforms)."""
     cfg, note = AugmentConfig(), "random training augmentations, default settings"
     if c.run_dir is not None:
-        from model.run import read_config
-
-        train = read_config(c.run_dir).get("train", {})
-        if "augment" in train and train["augment"] is None:
+        trained = training_augmentation(read_config(c.run_dir))
+        if trained is None:
             note = f"run {c.run_name} trained without augmentation; default settings shown"
-        elif train.get("augment") is not None:
-            cfg = AugmentConfig.from_dict(train["augment"])
-            note = f"random training augmentations as in run {c.run_name}"
-    gen = torch.Generator().manual_seed(seed)
-    xb = to_float(torch.from_numpy(np.repeat(x[None], n, 0)))
-    out = augment(xb, cfg, gen)
-    return list((out.permute(0, 2, 3, 1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)), note
+        else:
+            cfg, note = trained, f"random training augmentations as in run {c.run_name}"
+    return augmentation_views(x, cfg, n, seed), note
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from model.data.inspect import InspectReport
 from viewer import components as ui
 from viewer import frame, state
 
@@ -74,7 +75,6 @@ def _report(c, rep: dict) -> None:
         st.caption("Mean " + ", ".join(f"{v:.3f}" for v in rep["channel_mean"]) + " · std "
                    + ", ".join(f"{v:.3f}" for v in rep["channel_std"])
                    + " (RGB; these are the dataset normalisation statistics)")
-    from model.inspect import InspectReport
 
     st.subheader("Checks")
     table = InspectReport.from_dict(rep).table()

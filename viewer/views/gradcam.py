@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from model.errors import PcamLensError
+from model.core.errors import PcamLensError
+from model.evaluation.metrics import sample_sets
 from viewer import components as ui
 from viewer import frame, preds
 
@@ -52,7 +53,7 @@ def render(c) -> None:
     else:
         heats = preds.gradcam_arrays(c.run_key, x, layer, t)
     probs = (preds.page_probs(c.run_key, sk, tuple(int(i) for i in idx)) if sk is not None
-             else preds.predict_arrays(c.run_key, x))
+             else preds.predict_page(c.run_key, x))
     labels = [None if src.labels is None else int(src.labels[i]) for i in idx]
     for k in range(0, len(pids), 2):
         cols = st.columns(2)
@@ -66,7 +67,6 @@ def render(c) -> None:
 
 
 def _gallery_rows(c, which: str):
-    from model.metrics import sample_sets
 
     pset = preds.best_predictions(c)
     if pset is None or pset.df["label"].isna().all():

@@ -3,16 +3,13 @@ images; TTA, progress, histogram of probabilities, a browsable grid, submission.
 from __future__ import annotations
 
 import math
-import re
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from model.errors import PcamLensError
+from model.data.uploads import decode_uploads
 from viewer import components as ui
 from viewer import frame, preds, state
 
@@ -83,7 +80,9 @@ def _upload(c, tta: int) -> None:
         return
     if st.button(f"Predict {len(files)} uploaded images", type="primary", key="i_go_up",
                  icon=":material/play_arrow:"):
-        ids, pix, notes = _decode(files)
+        up = decode_uploads([(f.name, f.getvalue()) for f in files],
+                            state.loaded(c.run_key).input.patch)
+        ids, pix, notes = up.ids, up.pixels, up.notes
         if not pix:
             for n in notes:
                 st.warning(n)
@@ -92,47 +91,13 @@ def _upload(c, tta: int) -> None:
         x = np.stack(pix)
         t0 = time.perf_counter()
         with st.spinner(f"Predicting {len(x)} patches..."):
-            probs = preds.predict_arrays(c.run_key, x, tta)
+            probs = preds.predict_page(c.run_key, x, tta)
         df = pd.DataFrame({"id": ids, "label": np.nan, "prob": probs,
                            "idx": np.arange(len(ids))})
         st.session_state["i_result"] = {
             "run_key": c.run_key, "what": f"{len(ids)} uploaded images", "tta": tta,
             "sk": None, "df": df, "pixels": x, "seconds": time.perf_counter() - t0,
             "notes": notes}
-
-
-def _decode(files) -> tuple[list[str], list[np.ndarray], list[str]]:
-    """Decode uploads exactly like data files (model.images.decode_image: same modes, same
-    pixel limit), via a private temporary folder; resize other sizes to 96x96 with a note."""
-    from model.images import decode_image, resize_rgb
-
-    ids, pix, notes, seen = [], [], [], set()
-    with tempfile.TemporaryDirectory(prefix="pcam-lens-upload-") as tmp:
-        for k, f in enumerate(files):
-            name = Path(f.name).name
-            suffix = Path(name).suffix.lower() or ".png"
-            path = Path(tmp) / f"{k:04d}{suffix}"
-            path.write_bytes(f.getvalue())
-            try:
-                arr, note = decode_image(path)
-            except PcamLensError:
-                notes.append(f"{name}: not a readable image (PNG, JPEG or TIFF expected); "
-                             "skipped.")
-                continue
-            if note:
-                notes.append(f"{name}: {note}.")
-            if arr.shape[:2] != (96, 96):
-                notes.append(f"{name}: {arr.shape[1]}x{arr.shape[0]} pixels, resized to 96x96 "
-                             "(PCam patches are 96x96; predictions on other scales are "
-                             "unreliable).")
-                arr = resize_rgb(arr, 96)
-            pid = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem) or f"upload{k}"
-            while pid in seen:
-                pid += "_dup"
-            seen.add(pid)
-            ids.append(pid)
-            pix.append(arr)
-    return ids, pix, notes
 
 
 def _results(res: dict) -> None:

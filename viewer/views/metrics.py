@@ -1,11 +1,19 @@
 """Metrics: confusion matrix at a threshold, ROC and PR curves with the operating point, AUC
 with its bootstrap CI, calibration; a confusion cell lists its patches. Numbers come from
-model.metrics."""
+model.evaluation.metrics."""
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
+from model.evaluation.metrics import (
+    bootstrap_auc_ci,
+    calibration,
+    confusion_at,
+    pr_points,
+    roc_auc,
+    roc_points,
+)
 from viewer import components as ui
 from viewer import frame
 
@@ -14,15 +22,11 @@ CELLS = {"TP": (1, 1), "FP": (0, 1), "FN": (1, 0), "TN": (0, 0)}
 
 @st.cache_data(max_entries=16, show_spinner="Bootstrapping the AUC confidence interval...")
 def _auc_ci(token: tuple, labels: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
-    from model.metrics import bootstrap_auc_ci, roc_auc
-
     lo, hi = bootstrap_auc_ci(labels, probs, n_boot=1000)
     return roc_auc(labels, probs), lo, hi
 
 
 def render(c) -> None:
-    from model.metrics import calibration, confusion_at, pr_points, roc_points
-
     if not ui.need_run(c, "The metrics page"):
         return
     pset = frame.predictions_picker(c, "m")
@@ -47,9 +51,8 @@ def render(c) -> None:
     bins, ece = calibration(y, p, 10)
     b.plotly_chart(ui.calibration_figure(bins, ece), key="m_cal")
     a, b = st.columns(2)
-    fpr = cm["fp"] / max(1, cm["fp"] + cm["tn"])
     a.plotly_chart(ui.roc_figure({f"AUC {auc:.4f}": roc_points(y, p)},
-                                 (fpr, cm["sensitivity"])), key="m_roc")
+                                 (cm["fpr"], cm["sensitivity"])), key="m_roc")
     prec = cm["precision"] if not np.isnan(cm["precision"]) else 1.0
     b.plotly_chart(ui.pr_figure(pr_points(y, p), (cm["sensitivity"], prec)), key="m_pr")
     _cell(pset, df, thr, cm)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from model.errors import PcamLensError
+from model.core.errors import PcamLensError
+from model.review.log import ReviewLog, review_queue
 from viewer import components as ui
 from viewer import frame, preds, state
 
@@ -20,7 +21,6 @@ KEYS = {"confirm": "A", "relabel": "L", "flag": "F", "skip": "S"}
 def _decide(log_path: str, reviewer: str, run: str, pid: str, action: str, old: int,
             source: str) -> None:
     """Button callback: append the decision, then clear the note for the next patch."""
-    from model.review import ReviewLog
 
     ss = st.session_state
     try:
@@ -36,7 +36,6 @@ def _decide(log_path: str, reviewer: str, run: str, pid: str, action: str, old: 
 
 
 def render(c) -> None:
-    from model.review import review_queue
 
     if not ui.need_run(c, "Review"):
         return

@@ -7,7 +7,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from model.errors import PcamLensError
+from model.core.errors import PcamLensError
+from model.evaluation.metrics import roc_points
+from model.runs.format import read_config
+from model.runs.summary import summarize_run
 from viewer import components as ui
 from viewer import frame, state
 
@@ -19,12 +22,13 @@ def render(c) -> None:
     if not c.runs:
         ui.need_run(c, "This page")
         return
-    table = pd.DataFrame(c.runs)[["name", "status", "epochs", "auc", "arch", "data", "error"]]
-    table["error"] = table["error"].fillna("")
+    table = pd.DataFrame([{"name": r.name, "status": r.status, "epochs": r.epochs_text,
+                           "auc": r.auc, "arch": r.arch, "data": r.data,
+                           "error": r.error or ""} for r in c.runs])
     st.dataframe(table, hide_index=True, column_config={
         "auc": st.column_config.NumberColumn("valid AUC", format="%.4f")})
-    names = [r["name"] for r in c.runs]
-    root = Path(c.runs[0]["dir"]).parent
+    names = [r.name for r in c.runs]
+    root = Path(c.runs[0].dir).parent
     pick = st.selectbox("Run", names, index=names.index(c.run_name) if c.run_name in names
                         else 0, key="r_pick")
     try:
@@ -43,16 +47,13 @@ def render(c) -> None:
 
 
 def _one(run_dir: Path) -> None:
-    from model.run import read_config, read_progress
-
     cfg = read_config(run_dir)
-    if cfg.get("data", {}).get("synthetic"):
+    summary = summarize_run(run_dir)
+    if summary.synthetic:
         ui.synthetic_banner("This run's training data")
-    prog = read_progress(run_dir)
     m = state.run_metrics(run_dir)
     cols = st.columns(5)
-    cols[0].metric("Status", prog.get("status", "unknown"),
-                   f"{prog.get('epochs_done', 0)}/{prog.get('epochs_total', '?')} epochs",
+    cols[0].metric("Status", summary.status, f"{summary.epochs_text or '?'} epochs",
                    delta_color="off", delta_arrow="off")
     if m:
         ci = m.get("auc_ci") or [None, None]
@@ -96,7 +97,6 @@ def _one(run_dir: Path) -> None:
 
 
 def _compare(dirs: list[Path]) -> None:
-    from model.metrics import roc_points
 
     curves, rows = {}, []
     for d in dirs:
