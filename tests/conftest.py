@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# the shared run of the session (fixtures_runs.py says what it is)
+from fixtures_runs import tiny_loaded, tiny_run  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 

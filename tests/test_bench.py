@@ -19,6 +19,7 @@ def result(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # the benchmark trains a few steps of both learners
 def test_every_row_has_positive_numbers_and_ratio(result):
     rows = {r["key"]: r for r in result["rows"]}
     assert set(ROW_KEYS) <= set(rows)
@@ -31,6 +32,7 @@ def test_every_row_has_positive_numbers_and_ratio(result):
     assert math.isclose(rows["gradcam"]["speedup"], 1 / rows["gradcam"]["ratio"])
 
 
+@pytest.mark.slow
 def test_environment_and_agreement_are_reported(result):
     hw, v = result["hardware"], result["versions"]
     assert hw["cores"] >= 1 and isinstance(hw["cpu_bf16"], bool) and hw["cpu"]

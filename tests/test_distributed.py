@@ -120,7 +120,7 @@ def test_torchrun_training_writes_a_complete_run(ddp_run):
         assert (ddp_run / f).is_file(), f
     assert not (ddp_run / ".tmp").exists()
     cfg = read_config(ddp_run)
-    assert cfg["model"]["arch"] == "resnet18" and cfg["train"]["bs"] == 16
+    assert cfg["model"]["arch"] == "resnet18" and cfg["config"]["optim"]["bs"] == 16
     hist = pd.read_csv(ddp_run / "history.csv")
     assert len(hist) == 1 and hist.loc[0, "phase"] == "unfrozen"
     assert hist[["train_loss", "valid_loss", "accuracy", "auc"]].notna().all().all()

@@ -12,14 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_runs import ROOT, tiny_loaded, tiny_run  # noqa: E402,F401
-
 from model import evaluate, predict
 from model.core.errors import DataError
 from model.data.open import open_source
 from model.evaluation.evaluate import evaluate_run
 from model.runs.format import default_out_dir, default_submission_path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SYNTH_TEST = "synthetic:n=23,seed=5"  # 23 patches: shards of 12 and 11
 

@@ -3,16 +3,12 @@ heat goes on a handmade model that only looks at one box, and that the shared mo
 exactly as it was (no hooks, eval mode, requires_grad False, same weights)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_runs import tiny_loaded, tiny_run  # noqa: E402,F401
 
 from model.core.errors import DataError
 from model.data.base import centre_box

@@ -14,15 +14,9 @@ from session to session (training is not bit-reproducible). Hence the margins be
 asked for, which these runs do not meet."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fixtures_runs import tiny_loaded, tiny_run  # noqa: E402,F401
 
 from model.core.errors import DataError
 from model.data.open import open_source
@@ -64,6 +58,7 @@ def test_fp32_matches_reference(tiny_loaded, synth_source, synth_patches):
     assert np.abs(arr - ref).max() < 1e-5
 
 
+@pytest.mark.slow  # 1,000+ real patches through resnet18 twice: ~50 s on 2 cores
 def test_bf16_close_to_fp32_on_real_patches(tiny_loaded, kaggle_sample):
     from sklearn.metrics import roc_auc_score
 
@@ -131,7 +126,8 @@ def test_batch_size_does_not_change_results(tiny_loaded, synth_source):
                       progress=False)
     b = predict_probs(tiny_loaded, synth_source, batch_size=64, precision="fp32",
                       progress=False)
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # fp32 outputs differ only by the rounding of batch-size-dependent oneDNN kernels
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_progress_callable_and_model_untouched(tiny_loaded, synth_source):

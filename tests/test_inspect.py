@@ -200,7 +200,6 @@ def test_h5_sample_through_generic_path(h5_sample):
 
 
 def test_synthetic_source_is_not_special():
-    pytest.importorskip("model.synthetic")
     rep = inspect_source(open_source("synthetic:n=24,seed=0"), progress=False)
     assert rep.n_inspected == 24 and rep.n_pixels == 24 * 96 * 96
     assert not rep.has_problems and rep.channel_mean is not None

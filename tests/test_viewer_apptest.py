@@ -10,9 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_runs import tiny_run  # noqa: F401  (session fixture: one tiny trained run)
-
-st_testing = pytest.importorskip("streamlit.testing.v1")
+import streamlit.testing.v1 as st_testing
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "viewer" / "app.py"

@@ -36,7 +36,8 @@ def read_all(source: PatchSource, *, threads: int = 4, chunk: int = 256,
     if progress and n > 2 * chunk:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc=f"reading {source.kind} patches", unit="patch", leave=False)
+        bar = tqdm(total=n, desc=f"reading {source.kind} patches", unit="patch", leave=False,
+                   disable=None)  # None: no bar when stderr is not a terminal (logs)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         for k in pool.map(work, starts):
             if bar:

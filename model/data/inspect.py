@@ -267,7 +267,8 @@ def _missing_files(paths: list[Path]) -> list[int]:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="patch", desc="inspect", disable=not enabled,
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
+    return tqdm(total=total, unit="patch", desc="inspect", disable=None if enabled else True,
                 mininterval=0.5, file=sys.stderr)
 
 

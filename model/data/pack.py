@@ -604,7 +604,8 @@ def _read_chunk(source: PatchSource, start: int, stop: int, data: str) -> np.nda
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="patch", desc="packing", disable=not enabled,
+    # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
+    return tqdm(total=total, unit="patch", desc="packing", disable=None if enabled else True,
                 mininterval=0.5, file=sys.stderr)
 
 

@@ -118,7 +118,8 @@ class _Progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="patch", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+                            dynamic_ncols=True, leave=False,
+                            disable=None)  # None: no bar when stderr is not a terminal
 
     def update(self, k: int) -> None:
         self.done += k
