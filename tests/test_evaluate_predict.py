@@ -149,6 +149,7 @@ def test_evaluate_cli_bad_run_dir(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts Python subprocesses (torch import each)
 def test_evaluate_cli_subprocess_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "model.evaluate", str(tmp_path / "missing")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,

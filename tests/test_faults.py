@@ -645,6 +645,7 @@ def test_labels_without_files_train_with_drop_bad(tmp_path, patch_files, capsys)
     assert len(ids) == 23 and gone not in ids
 
 
+@pytest.mark.slow  # starts Python subprocesses (torch import each)
 def test_cli_subprocesses_exit_2_without_traceback(tmp_path, patch_files):
     """The same refusals as real processes: `python -m model.<cli>`, exit status 2, one
     'error:' line naming the problem, nothing written."""

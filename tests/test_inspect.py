@@ -244,6 +244,7 @@ def test_cli_exits_2_on_bad_data(tmp_path, capsys):
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # starts Python subprocesses (torch import each)
 def test_cli_as_module(faulty, tmp_path):
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "-m", "model.inspect", str(faulty), "--json", str(out)],

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 _PROBE = r"""
@@ -31,6 +33,7 @@ def _faults(tune: bool) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # starts Python subprocesses (torch import each)
 def test_large_tensors_reuse_heap_memory_instead_of_faulting_in_new_pages():
     plain, tuned = _faults(False), _faults(True)
     # untuned: every 42 MB tensor is a fresh mmap, ~10k page faults each (207,380 for 20 here);
