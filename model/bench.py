@@ -6,35 +6,7 @@
         --synthetic-n 220025 --compile             # GPU training throughput on a full-size set
     python -m model.bench --quick                  # tiny, seconds (the tests)
 
-Data: --n patches of --data (default ../shared/data/pcam-sample when present, else the built-in
-synthetic set) are copied into a temporary Kaggle-layout folder of .tif files, so every path
-reads real files; the same patches are also written as an official-layout PCam HDF5 file
-(gzip, one chunk per patch) and packed with model.pack into a temporary packed cache.
-
-Rows (each: ours, stock, ratio = ours/stock; for ms/patch lower is better):
-  read_kaggle   patches/s  KaggleSource.read_batch          | fastai PILImage.create + image2tensor
-  read_h5       patches/s  PcamH5Source.read_batch          | (same stock: fastai reads files)
-  read_packed   patches/s  packed cache (memmap) read_batch | (same stock)
-  train[:ARCH]  img/s      model.train.make_learner: packed cache -> uint8 batches -> on-device
-                           augmentation + normalisation (BatchTransform) -> model.train's
-                           precision (bf16 autocast on CUDA; fp32 on CPU, where bf16 training
-                           is slower; --precision overrides), channels_last, whole 96 px patch
-                           (--crop 96)               | ImageDataLoaders.from_df
-                           + aug_transforms(flip_vert=True, max_warp=0) + Normalize,
-                           vision_learner(pretrained=False), fp32
-  infer         patches/s  files -> probabilities: model.inference.predict_probs | learn.get_preds(
-                           dl=learn.dls.test_dl(files)) fp32
-  infer_tta8    patches/s  predict_probs(tta=8): the 8 dihedral views | learn.tta(dl, n=8): 8
-                           random aug_transforms views + 1 plain pass (fastai's TTA, 9 passes)
-  gradcam       ms/patch   files -> heatmaps: model.gradcam.gradcam (batched) | per-image Captum
-                           LayerGradCam loop on the fastai learner's model, same layer
-Both sides start from random weights (no downloads). Training times `--steps` steps after
-`--warmup` steps; each reading row is the best of `--repeats` passes after one warm-up pass
-(files in the page cache). Inference uses the weights of our learner after its timed steps,
-loaded through model.run.load_run from a run directory written like model.train writes one;
-the stock learner gets the same weights (same architecture), which gives the agreement checks:
-ours vs a plain fp32 forward of the same weights (max |diff|, AUC diff), stock fastai vs that
-fp32 forward, and our Grad-CAM vs the stock Captum loop.
+What each row measures, and how: model/benchmarks/suite.py.
 """
 from __future__ import annotations
 

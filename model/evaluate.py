@@ -3,17 +3,7 @@
     python -m model.evaluate runs/<name>                       # the run's own validation split
     python -m model.evaluate runs/<name> --data ../shared/data/pcam-h5-sample --tta 8
 
-Inference is re-run from the run's weights (model.run.load_run + model.inference), so the
-numbers are those of the chosen checkpoint and TTA, not the ones recorded during training.
-Files, written atomically into --out (default <run>/eval/valid or <run>/eval/<data name>):
-
-    metrics.json      model.metrics.summary + run, checkpoint, data, tta, synthetic flag
-    predictions.csv   id, label, prob, loss, pred, correct (one row per patch, source order)
-    roc.csv           fpr, tpr, threshold
-    pr.csv            recall, precision, threshold
-    calibration.csv   bin_lo, bin_hi, count, mean_prob, frac_pos (10 bins)
-    samples.csv       set, id, label, prob, loss (16 per set: top_losses, confident_correct,
-                      uncertain, false_negatives, random)
+What is written where: model/evaluation/evaluate.py.
 """
 from __future__ import annotations
 

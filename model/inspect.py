@@ -3,20 +3,7 @@ that would break or distort a run.
 
     python -m model.inspect DATA [--split train|test] [--json OUT] [--max-items N] [--workers N]
 
-`inspect_source(source)` streams over the patches once (decoding in a thread pool, never holding
-more than a few hundred patches in memory) and returns an `InspectReport`:
-
-problems (dropped by `filter_source(..., drop_problems=True)`, the trainer's --drop-bad):
-    unreadable      the file or row cannot be decoded (truncated, empty, not an image)
-    wrong size      a patch that is not the size the source needs (e.g. 95x96 in a Kaggle folder)
-    missing file    a labels-CSV id whose file does not exist
-    duplicate id    the second and later occurrences of an id
-outliers (dropped by `filter_source(..., drop_outliers=True)`, the trainer's --drop-outliers):
-    near-black      every pixel value of the patch is below 10 (of 255)
-    near-white      every pixel value of the patch is above 245 (of 255)
-notes (reported only):
-    files without labels, converted images (grayscale, 16-bit, RGBA), identical images
-    (byte-identical pixels under different ids)
+What is checked and how: model/data/inspect.py.
 """
 from __future__ import annotations
 

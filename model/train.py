@@ -7,10 +7,8 @@
         # one process per GPU (or CPU share), --bs is the global batch, rank 0 writes the
         # same run directory as one process would (see model/training/distributed.py)
 
-Schedule (fastai): optional lr_find, fit_one_cycle with the body frozen (head only), then
-fit_one_cycle unfrozen with discriminative learning rates. Every epoch is checkpointed, so a
-run killed at any moment resumes from its last completed epoch at the right point of the
-one-cycle schedule.
+This module parses the command line into a TrainConfig (model/training/config.py) and calls
+model.training.loop.train or resume; the schedule and the run directory are described there.
 """
 from __future__ import annotations
 

@@ -252,7 +252,7 @@ def goto(tab, server: Server, label: str, title: str) -> float:
 
 def test_every_page_renders_in_chromium(page, server):
     # app.py imported model/ (no PYTHONPATH in the server's env): model.run listed the run,
-    # model.sources opened the synthetic set
+    # model.data.open opened the synthetic set
     assert_no_error(page, server, "first load")
     run = page.locator("[data-testid='stSidebar'] input[aria-label='Run']").input_value()
     assert run.startswith("tiny · complete"), run

@@ -1,5 +1,5 @@
-"""Data-parallel training and prediction under torchrun (model/distributed.py), on the CPU with
-Gloo and two processes: the run directory is the one a single process writes, a killed DDP
+"""Data-parallel training and prediction under torchrun (model/training/distributed.py), on the
+CPU with Gloo and two processes: the run directory is the one a single process writes, a killed DDP
 run resumes to the same history, and torchrun prediction merges into one submission.
 
 The torchrun tests start real process groups (`python -m torch.distributed.run --standalone`,

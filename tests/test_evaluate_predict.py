@@ -1,4 +1,4 @@
-"""Tests for model/evaluate.py and model/predict.py on a tiny trained run."""
+"""Tests for model/evaluation/evaluate.py and model/evaluation/predict.py on a tiny trained run."""
 from __future__ import annotations
 
 import csv

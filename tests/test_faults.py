@@ -671,7 +671,7 @@ def test_cli_subprocesses_exit_2_without_traceback(tmp_path, patch_files):
 # --------------------------------------------------------------------------- interruption
 
 _SLOW_WRITER = textwrap.dedent('''
-    """Test harness (not production code): run a CLI with model.atomic's writer patched to
+    """Test harness (not production code): run a CLI with model.core.atomic's writer patched to
     stop between writing the temporary file and renaming it, so that the test can SIGKILL
     the process at exactly that moment. argv: MARKER TARGET_NAME NTH MODULE ARGS..."""
     import sys, time

@@ -1,4 +1,4 @@
-"""Tests for Grad-CAM (model/gradcam.py): shapes and ranges on a tiny trained run, where the
+"""Tests for Grad-CAM (model/nets/gradcam.py): shapes and ranges on a tiny trained run, where the
 heat goes on a handmade model that only looks at one box, and that the shared model is left
 exactly as it was (no hooks, eval mode, requires_grad False, same weights)."""
 from __future__ import annotations

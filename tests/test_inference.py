@@ -1,4 +1,4 @@
-"""Tests for batched inference (model/inference.py) on a tiny trained run.
+"""Tests for batched inference (model/evaluation/inference.py) on a tiny trained run.
 
 Tolerances: the fp32 path must match a plain fp32 reference (model(prepare(x)), softmax) to
 1e-5 (same arithmetic, only the batching differs).

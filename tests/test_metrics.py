@@ -1,5 +1,5 @@
-"""Tests for model.metrics: every number is checked against scikit-learn or a brute-force /
-hand-computed reference, on seeded numpy random data and on edge cases."""
+"""Tests for model.evaluation.metrics: every number is checked against scikit-learn or a
+brute-force / hand-computed reference, on seeded numpy random data and on edge cases."""
 from __future__ import annotations
 
 import json

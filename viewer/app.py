@@ -20,7 +20,7 @@ from model.runs.format import list_runs  # noqa: E402
 from model.runs.summary import summarize_run  # noqa: E402
 from viewer import state, training  # noqa: E402
 
-# No model.runtime.tune_allocator() here: the viewer is a long-lived process whose resident
+# No model.core.runtime.tune_allocator() here: the viewer is a long-lived process whose resident
 # memory matters more than the speed of its small batches; training runs in a subprocess.
 quiet_known_warnings()
 

@@ -9,29 +9,31 @@
 Data: --n patches of --data (default ../shared/data/pcam-sample when present, else the built-in
 synthetic set) are copied into a temporary Kaggle-layout folder of .tif files, so every path
 reads real files; the same patches are also written as an official-layout PCam HDF5 file
-(gzip, one chunk per patch) and packed with model.pack into a temporary packed cache.
+(gzip, one chunk per patch) and packed with model.data.packing into a temporary packed cache.
 
 Rows (each: ours, stock, ratio = ours/stock; for ms/patch lower is better):
   read_kaggle   patches/s  KaggleSource.read_batch          | fastai PILImage.create + image2tensor
   read_h5       patches/s  PcamH5Source.read_batch          | (same stock: fastai reads files)
   read_packed   patches/s  packed cache (memmap) read_batch | (same stock)
-  train[:ARCH]  img/s      model.train.make_learner: packed cache -> uint8 batches -> on-device
+  train[:ARCH]  img/s      model.training.learner.make_learner: packed cache -> uint8
+                           batches -> on-device
                            augmentation + normalisation (BatchTransform) -> model.train's
                            precision (bf16 autocast on CUDA; fp32 on CPU, where bf16 training
                            is slower; --precision overrides), channels_last, whole 96 px patch
                            (--crop 96)               | ImageDataLoaders.from_df
                            + aug_transforms(flip_vert=True, max_warp=0) + Normalize,
                            vision_learner(pretrained=False), fp32
-  infer         patches/s  files -> probabilities: model.inference.predict_probs | learn.get_preds(
-                           dl=learn.dls.test_dl(files)) fp32
+  infer         patches/s  files -> probabilities: model.evaluation.inference.predict_probs
+                           | learn.get_preds(dl=learn.dls.test_dl(files)) fp32
   infer_tta8    patches/s  predict_probs(tta=8): the 8 dihedral views | learn.tta(dl, n=8): 8
                            random aug_transforms views + 1 plain pass (fastai's TTA, 9 passes)
-  gradcam       ms/patch   files -> heatmaps: model.gradcam.gradcam (batched) | per-image Captum
-                           LayerGradCam loop on the fastai learner's model, same layer
+  gradcam       ms/patch   files -> heatmaps: model.nets.gradcam.gradcam (batched)
+                           | per-image Captum LayerGradCam loop on the fastai learner's model,
+                           same layer
 Both sides start from random weights (no downloads). Training times `--steps` steps after
 `--warmup` steps; each reading row is the best of `--repeats` passes after one warm-up pass
 (files in the page cache). Inference uses the weights of our learner after its timed steps,
-loaded through model.run.load_run from a run directory written like model.train writes one;
+loaded through model.runs.load.load_run from a run directory written like model.train writes one;
 the stock learner gets the same weights (same architecture), which gives the agreement checks:
 ours vs a plain fp32 forward of the same weights (max |diff|, AUC diff), stock fastai vs that
 fp32 forward, and our Grad-CAM vs the stock Captum loop.
@@ -592,7 +594,7 @@ def bench_training(data: BenchData, arch: str, train_data: str, s: Settings, roo
 
 def save_run_weights(ours: OurRun):
     """Write our learner's weights as the run's best.safetensors and load the run back the way
-    inference does (model.run.load_run)."""
+    inference does (model.runs.load.load_run)."""
 
     model = unwrap(getattr(ours.learn.model, "_orig_mod", ours.learn.model))
     save_weights(model, ours.run_dir / "best.safetensors", {"epoch": 0, "auc": None})
@@ -725,7 +727,7 @@ def bench_gradcam(data: BenchData, loaded, stock, s: Settings) -> tuple[Row, dic
     t_stock, theirs = _time(lambda: stock_gradcam(stock, data.files[:k], layer,
                                                   loaded.input.size))
     row = Row("gradcam", f"Grad-CAM ({layer})", "ms/patch", 1000 * t_ours / k,
-              1000 * t_stock / k, "files -> model.gradcam.gradcam (batched, fp32)",
+              1000 * t_stock / k, "files -> model.nets.gradcam.gradcam (batched, fp32)",
               "per-image Captum LayerGradCam on the fastai learner's model via test_dl(bs=1)",
               f"{k} patches; lower is better")
     return row, {"gradcam_max_abs_diff": float(np.abs(ours - theirs).max())}

@@ -35,7 +35,7 @@ def add_inference_options(p) -> None:
 
 def run_cli(body: Callable[[], int | None], *, interrupted: str = "interrupted") -> int:
     """Run `body()` (returns an exit code, or None for 0) and turn expected failures into
-    a message on stderr and an exit code. Tunes the allocator first (model.runtime): every
+    a message on stderr and an exit code. Tunes the allocator first (model.core.runtime): every
     tool allocates large tensors."""
     tune_allocator()
     quiet_known_warnings()

@@ -1,7 +1,7 @@
 """Batches of uint8 patches for training and inference.
 
 The loader moves raw uint8 bytes only; conversion, augmentation and normalisation happen on
-whole batches on the model's device (model.presets). Small sources are read into memory once
+whole batches on the model's device (model.nets.transforms). Small sources are read into memory once
 (a 6,000-patch set is 166 MB), large ones are read per batch (packed cache or files).
 """
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """Check a data source before training: class balance, colour statistics, and the patches
 that would break or distort a run.
 
-    python -m model.inspect DATA [--split train|test] [--json OUT] [--max-items N] [--workers N]
-
 `inspect_source(source)` streams over the patches once (decoding in a thread pool, never holding
 more than a few hundred patches in memory) and returns an `InspectReport`:
 
@@ -276,39 +274,28 @@ def default_workers() -> int:
     return max(1, min(16, (os.cpu_count() or 2)))
 
 
-def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int | None = None,
-                   workers: int | None = None, seed: int = 0) -> InspectReport:
-    """Inspect `source` (any PatchSource). With `max_items`, decode a random sample of that
-    many patches (seeded, so repeatable); id, label and file-existence checks still cover the
-    whole source."""
-    t0 = time.perf_counter()
-    n = len(source)
-    ids = list(source.ids)
-    workers = workers or default_workers()
-
-    # cheap whole-source checks first
+def _duplicate_ids(ids: list[str]) -> list[dict]:
+    """The second and later occurrences of each id."""
     first: dict[str, int] = {}
-    duplicate_ids = []
+    out = []
     for i, pid in enumerate(ids):
         if pid in first:
-            duplicate_ids.append({"index": i, "id": pid, "first_index": first[pid]})
+            out.append({"index": i, "id": pid, "first_index": first[pid]})
         else:
             first[pid] = i
-    class_counts = None
-    if source.labels is not None:
-        counts = np.bincount(np.asarray(source.labels, dtype=np.int64),
-                             minlength=len(source.classes))
-        class_counts = {name: int(c) for name, c in zip(source.classes, counts)}
-    base = _base_source(source)
-    unlabelled = (base.unlabelled_files() if isinstance(base, KaggleSource)
-                  and base.split == "train" else [])
+    return out
 
-    paths = None
-    missing = []
-    if isinstance(base, FileSource):
-        paths = [source.path_of(i) for i in range(n)]
-        missing = _missing_files(paths)
 
+def _class_counts(source: PatchSource) -> dict[str, int] | None:
+    if source.labels is None:
+        return None
+    counts = np.bincount(np.asarray(source.labels, dtype=np.int64), minlength=len(source.classes))
+    return {name: int(c) for name, c in zip(source.classes, counts)}
+
+
+def _to_decode(n: int, missing: list[int], max_items: int | None, seed: int
+               ) -> tuple[np.ndarray, bool]:
+    """Indices whose pixels are decoded (all that exist, or a seeded sample); sampled?"""
     todo = np.arange(n, dtype=np.int64)
     if missing:
         todo = np.setdiff1d(todo, np.asarray(missing, dtype=np.int64))
@@ -316,7 +303,13 @@ def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int
     if sampled:
         rng = np.random.default_rng(seed)
         todo = np.sort(rng.choice(todo, size=max(0, max_items), replace=False))
+    return todo, sampled
 
+
+def _scan(source: PatchSource, base: PatchSource, paths: list[Path] | None, todo: np.ndarray,
+          workers: int, progress: bool) -> _Chunk:
+    """Decode `todo` in a thread pool, a window of _WINDOW patches at a time (bounded memory
+    whatever the source size), and add up what each task found."""
     if paths is not None:
         expect = getattr(base, "expect_size", None)
         confine = getattr(base, "confine", None)
@@ -324,7 +317,6 @@ def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int
                                                             confine))
     else:
         chunk, task = _BATCH_CHUNK, (lambda idx: _scan_batch(source, idx))
-
     total = _Chunk()
     bar = _progress(len(todo), progress)
     try:
@@ -343,38 +335,62 @@ def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int
                     bar.update(part.done)
     finally:
         bar.close()
+    return total
 
-    mean = std = None
-    if total.n_pixels:
-        npx = float(total.n_pixels)
-        m = total.sums / npx
-        var = np.maximum(total.sumsq / npx - m * m, 0.0)
-        mean = [float(v) for v in m / 255.0]
-        std = [float(v) for v in np.sqrt(var) / 255.0]
 
+def _channel_stats(total: _Chunk) -> tuple[list[float] | None, list[float] | None]:
+    """Mean and std per RGB channel on 0-1, from the running sums."""
+    if not total.n_pixels:
+        return None, None
+    npx = float(total.n_pixels)
+    m = total.sums / npx
+    var = np.maximum(total.sumsq / npx - m * m, 0.0)
+    return [float(v) for v in m / 255.0], [float(v) for v in np.sqrt(var) / 255.0]
+
+
+def _identical(total: _Chunk, ids: list[str]) -> list[list[str]]:
+    """Groups of ids whose pixels are byte-identical."""
     groups: dict[bytes, list[int]] = {}
     for i, dg in total.digests:
         groups.setdefault(dg, []).append(i)
-    identical = sorted([ids[i] for i in sorted(g)] for g in groups.values() if len(g) > 1)
+    return sorted([ids[i] for i in sorted(g)] for g in groups.values() if len(g) > 1)
+
+
+def inspect_source(source: PatchSource, progress: bool = True, *, max_items: int | None = None,
+                   workers: int | None = None, seed: int = 0) -> InspectReport:
+    """Inspect `source` (any PatchSource). With `max_items`, decode a random sample of that
+    many patches (seeded, so repeatable); id, label and file-existence checks still cover the
+    whole source."""
+    t0 = time.perf_counter()
+    n, ids = len(source), list(source.ids)
+    base = _base_source(source)
+    unlabelled = (base.unlabelled_files() if isinstance(base, KaggleSource)
+                  and base.split == "train" else [])
+    paths, missing = None, []
+    if isinstance(base, FileSource):
+        paths = [source.path_of(i) for i in range(n)]
+        missing = _missing_files(paths)
+    todo, sampled = _to_decode(n, missing, max_items, seed)
+    total = _scan(source, base, paths, todo, workers or default_workers(), progress)
+    mean, std = _channel_stats(total)
 
     f = lambda i: {"index": int(i), "id": ids[i]}  # noqa: E731
-    report = InspectReport(
+    return InspectReport(
         source=source.describe(), n_total=n, n_inspected=int(total.done),
         sampled=sampled, ids_sha1=ids_fingerprint(ids), classes=list(source.classes),
-        class_counts=class_counts,
+        class_counts=_class_counts(source),
         channel_mean=mean, channel_std=std, n_pixels=int(total.n_pixels),
         unreadable=[{**f(i), "message": m} for i, m in sorted(total.unreadable)],
         wrong_size=[{**f(i), "size": s, "expected": e} for i, s, e in sorted(total.wrong_size)],
         missing_files=[{**f(i), "path": str(paths[i])} for i in missing],
-        duplicate_ids=duplicate_ids,
+        duplicate_ids=_duplicate_ids(ids),
         near_black=[{**f(i), "max": v} for i, v in sorted(total.near_black)],
         near_white=[{**f(i), "min": v} for i, v in sorted(total.near_white)],
         unlabelled_files=unlabelled,
         converted=[{**f(i), "note": m} for i, m in sorted(total.converted)],
-        identical_images=identical,
+        identical_images=_identical(total, ids),
         seconds=round(time.perf_counter() - t0, 3),
     )
-    return report
 
 
 # --------------------------------------------------------------------------- applying

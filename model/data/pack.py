@@ -1,8 +1,5 @@
 """Packed cache: a data folder turned into one memory-mappable array.
 
-    python -m model.pack DATA [--split train|test|all] [--out DIR] [--force] [--workers N]
-    python -m model.pack --verify DIR
-
 Decoding 220k small TIFFs costs far more than training wants to wait for; slicing one
 memory-mapped uint8 array costs nothing. A pack is a folder:
 
@@ -609,6 +606,103 @@ def _progress(total: int, enabled: bool):
                 mininterval=0.5, file=sys.stderr)
 
 
+def _refuse_line_breaks(source: PatchSource, root: Path) -> None:
+    """ids.txt and groups.txt hold one value per line."""
+    for label, values in (("id", source.ids), ("group", source.groups if source.groups
+                                               is not None else [])):
+        bad = next((v for v in values if "\n" in str(v) or "\r" in str(v)), None)
+        if bad is not None:
+            raise DataError(f"{label} {bad!r} contains a line break; a pack stores one per line.",
+                            path=root, fix="Rename the file.")
+
+
+def _up_to_date(target: Path, root: Path, fingerprint: dict, n: int) -> bool:
+    if not target.exists():
+        return False
+    try:
+        old = load_pack(target, root=root)
+    except (PcamLensError, OSError):
+        return False
+    return old.meta["fingerprint"] == fingerprint and len(old) == n
+
+
+def _require_space(parent: Path, n: int, size: int) -> None:
+    need = n * size * size * 3
+    free = shutil.disk_usage(parent).free
+    if free < need + (64 << 20):
+        raise DataError(f"Packing {n} patches needs {need / 1e9:.2f} GB in {parent}, which "
+                        f"has {free / 1e9:.2f} GB free.", path=parent,
+                        fix="Free some space, or pass --out with a folder on another disk.")
+
+
+def _stream_array(source: PatchSource, tmp: Path, *, workers: int, chunk: int, progress: bool,
+                  data_arg: str) -> str:
+    """Decode the patches in a thread pool (at most 2 chunks per worker in flight: bounded
+    memory) and append them to tmp/patches.u8 in order; return its sha256."""
+    n = len(source)
+    digest = hashlib.sha256()
+    bar = _progress(n, progress)
+    try:
+        with open(tmp / ARRAY_NAME, "wb") as f, ThreadPoolExecutor(max(1, workers)) as pool:
+            pending: deque = deque()
+            try:
+                for start in range(0, n, chunk):
+                    pending.append(pool.submit(_read_chunk, source, start,
+                                               min(start + chunk, n), data_arg))
+                    while len(pending) > 2 * max(1, workers):
+                        arr = pending.popleft().result()
+                        _write_chunk(f, arr, digest)
+                        bar.update(len(arr))
+                while pending:
+                    arr = pending.popleft().result()
+                    _write_chunk(f, arr, digest)
+                    bar.update(len(arr))
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        bar.close()
+    return digest.hexdigest()
+
+
+def _write_index_files(source: PatchSource, tmp: Path, rels: list[str]
+                       ) -> tuple[bytes, tuple[str, str] | None, bool]:
+    """ids.txt, labels.npy, groups.txt and (when file names do not follow one pattern)
+    paths.txt; returns (ids.txt bytes, path layout, whether paths.txt was written)."""
+    ids_raw = ("\n".join(source.ids) + "\n").encode("utf-8", "surrogateescape")
+    _write_file(tmp / "ids.txt", ids_raw)
+    if source.labels is not None:
+        with open(tmp / "labels.npy", "wb") as f:
+            np.save(f, np.asarray(source.labels, dtype=np.int64), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+    if source.groups is not None:
+        _write_file(tmp / "groups.txt", ("\n".join(map(str, source.groups)) + "\n")
+                    .encode("utf-8", "surrogateescape"))
+    layout = _path_layout(source.ids, rels) if isinstance(source, FileSource) else None
+    has_paths = isinstance(source, FileSource) and layout is None
+    if has_paths:
+        _write_file(tmp / "paths.txt", ("\n".join(rels) + "\n").encode("utf-8", "surrogateescape"))
+    return ids_raw, layout, has_paths
+
+
+def _swap_into_place(tmp: Path, target: Path, split_name: str) -> None:
+    """Rename the finished temporary folder over `target` (the old pack moved aside first)."""
+    parent = target.parent
+    _fsync_path(tmp, directory=True)
+    old = None
+    if target.exists():
+        old = parent / f".pack-{split_name}.old-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync_path(parent, directory=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_pack(source: PatchSource, root: Path, target: Path, *, requested_split: str,
                workers: int = 4, chunk: int = CHUNK, progress: bool = True,
                force: bool = False, data_arg: str | None = None) -> tuple[Path, bool]:
@@ -621,84 +715,29 @@ def write_pack(source: PatchSource, root: Path, target: Path, *, requested_split
     data_arg = data_arg or str(root)
     plan = _plan(source, root)
     rels = plan.pop("rels")
-    for label, values in (("id", source.ids), ("group", source.groups if source.groups
-                                               is not None else [])):
-        bad = next((v for v in values if "\n" in str(v) or "\r" in str(v)), None)
-        if bad is not None:
-            raise DataError(f"{label} {bad!r} contains a line break; a pack stores one per line.",
-                            path=root, fix="Rename the file.")
+    _refuse_line_breaks(source, root)
     rels_sorted = sorted(set(rels))
     plan["sample"] = _sample(rels_sorted)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     n, s = len(source), source.size
-    with _lock(parent, target.name.removeprefix("pack-")):
-        _clean_leftovers(parent, target.name.removeprefix("pack-"))
+    split_name = target.name.removeprefix("pack-")
+    with _lock(parent, split_name):
+        _clean_leftovers(parent, split_name)
         fp = _fingerprint(root, plan, rels_sorted)
-        if target.exists() and not force:
-            try:
-                old = load_pack(target, root=root)
-                if old.meta["fingerprint"] == fp and len(old) == n:
-                    return target, False
-            except (PcamLensError, OSError):
-                pass
-        need = n * s * s * 3
-        free = shutil.disk_usage(parent).free
-        if free < need + (64 << 20):
-            raise DataError(f"Packing {n} patches needs {need / 1e9:.2f} GB in {parent}, which "
-                            f"has {free / 1e9:.2f} GB free.", path=parent,
-                            fix="Free some space, or pass --out with a folder on another disk.")
-        split_name = target.name.removeprefix("pack-")
+        if not force and _up_to_date(target, root, fp, n):
+            return target, False
+        _require_space(parent, n, s)
         tmp = Path(tempfile.mkdtemp(prefix=f".pack-{split_name}.tmp-{os.getpid()}-",
                                     dir=parent))
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; packs are shared like data
         t0 = time.perf_counter()
         try:
-            digest = hashlib.sha256()
-            bar = _progress(n, progress)
-            try:
-                with open(tmp / ARRAY_NAME, "wb") as f, \
-                        ThreadPoolExecutor(max(1, workers)) as pool:
-                    pending: deque = deque()
-                    try:
-                        for start in range(0, n, chunk):
-                            pending.append(pool.submit(_read_chunk, source, start,
-                                                       min(start + chunk, n), data_arg))
-                            while len(pending) > 2 * max(1, workers):
-                                arr = pending.popleft().result()
-                                _write_chunk(f, arr, digest)
-                                bar.update(len(arr))
-                        while pending:
-                            arr = pending.popleft().result()
-                            _write_chunk(f, arr, digest)
-                            bar.update(len(arr))
-                    except BaseException:
-                        for fut in pending:
-                            fut.cancel()
-                        raise
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                bar.close()
-            ids_raw = ("\n".join(source.ids) + "\n").encode("utf-8", "surrogateescape")
-            _write_file(tmp / "ids.txt", ids_raw)
-            if source.labels is not None:
-                with open(tmp / "labels.npy", "wb") as f:
-                    np.save(f, np.asarray(source.labels, dtype=np.int64), allow_pickle=False)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if source.groups is not None:
-                _write_file(tmp / "groups.txt", ("\n".join(map(str, source.groups)) + "\n")
-                            .encode("utf-8", "surrogateescape"))
-
-            layout = _path_layout(source.ids, rels) if isinstance(source, FileSource) else None
-            has_paths = isinstance(source, FileSource) and layout is None
-            if has_paths:
-                _write_file(tmp / "paths.txt",
-                            ("\n".join(rels) + "\n").encode("utf-8", "surrogateescape"))
+            sha256 = _stream_array(source, tmp, workers=workers, chunk=chunk,
+                                   progress=progress, data_arg=data_arg)
+            ids_raw, layout, has_paths = _write_index_files(source, tmp, rels)
             desc = source.describe()
             src_path = Path(desc["path"]) if desc.get("path") else root
-
             meta = {
                 "format": FORMAT, "version": FORMAT_VERSION,
                 "source": desc, "source_kind": source.kind,
@@ -706,7 +745,7 @@ def write_pack(source: PatchSource, root: Path, target: Path, *, requested_split
                 "source_path_rel": "." if src_path == root else _relpath(src_path, root),
                 "requested_split": requested_split, "split": source.split,
                 "n": n, "shape": [n, s, s, 3], "dtype": "uint8", "order": "C",
-                "array": ARRAY_NAME, "sha256": digest.hexdigest(),
+                "array": ARRAY_NAME, "sha256": sha256,
                 "ids_txt_sha1": hashlib.sha1(ids_raw).hexdigest(),
                 "ids_sha1": ids_fingerprint(source.ids),
                 "labelled": source.labels is not None, "has_groups": source.groups is not None,
@@ -718,20 +757,11 @@ def write_pack(source: PatchSource, root: Path, target: Path, *, requested_split
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-            after = _fingerprint(root, plan, rels_sorted)
-            if after != fp:
+            if _fingerprint(root, plan, rels_sorted) != fp:
                 raise DataError(f"The data in {root} changed while it was being packed.",
                                 path=root, fix="Pack again once nothing writes to it.")
             _write_file(tmp / "pack.json", (json.dumps(meta, indent=1) + "\n").encode())
-            _fsync_path(tmp, directory=True)
-            old = None
-            if target.exists():
-                old = parent / f".pack-{split_name}.old-{os.getpid()}-{os.urandom(4).hex()}"
-                os.rename(target, old)
-            os.rename(tmp, target)
-            _fsync_path(parent, directory=True)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            _swap_into_place(tmp, target, split_name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -110,26 +110,30 @@ def _outside_centre(centres: np.ndarray, reach: np.ndarray) -> np.ndarray:
     return np.hypot(dx, dy) > reach
 
 
-def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Paint patch `i` of set `seed`: (uint8 RGB [96,96,3], bool tumour mask [96,96], label)."""
-    rng = np.random.default_rng([seed, i])
-    scenario = _scenario(seed, i)
+# make_patch paints in steps that draw from one generator in a fixed order: changing the order
+# of the calls below (or of the draws inside them) changes every patch of every data set.
 
-    # Stroma: eosin with slow density changes and fibres; a little haematoxylin background.
+
+def _stroma(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eosin with slow density changes and fibres, a little haematoxylin background, and white
+    gaps (fat vacuoles, tears): (eosin, haematoxylin, tissue mask)."""
     density = _smooth_noise(rng, 5)
     eos = 0.42 + 0.14 * density + rng.uniform(0.04, 0.11) * _fibres(rng)
     hem = 0.06 + 0.025 * density
     tissue = np.ones((PATCH, PATCH), np.float32)
-    for _ in range(rng.integers(0, 4)):  # fat vacuoles and tears: white gaps
+    for _ in range(rng.integers(0, 4)):
         c = tuple(int(v) for v in rng.integers(0, PATCH, 2))
         ax = tuple(int(v) for v in rng.integers(3, 12, 2))
         cv2.ellipse(tissue, c, ax, float(rng.uniform(0, 180)), 0, 360, 0.0, -1)
+    return eos, hem, tissue
 
-    # Lymphocytes: small dark round nuclei, their density varying a lot between patches so
-    # that the amount of purple says little about the label. Half the patches also get a
-    # dense lymphoid aggregate, often central, so that "purple blob in the middle" is not
-    # tumour by itself. Impulses blurred by a Gaussian and thresholded give round discs whose
-    # radius follows each impulse's height.
+
+def _lymphocytes(rng: np.random.Generator, hem: np.ndarray) -> np.ndarray:
+    """Small dark round nuclei, their density varying a lot between patches so that the amount
+    of purple says little about the label. Half the patches also get a dense lymphoid
+    aggregate, often central, so that "purple blob in the middle" is not tumour by itself.
+    Impulses blurred by a Gaussian and thresholded give round discs whose radius follows each
+    impulse's height."""
     n_lym = int(rng.integers(15, 140))
     xy = rng.uniform(0, PATCH, (n_lym, 2))
     if rng.random() < 0.5:  # aggregate: a jittered lattice keeps its nuclei distinct
@@ -140,9 +144,12 @@ def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     imp = np.zeros((PATCH, PATCH), np.float32)
     imp[xy[:, 1], xy[:, 0]] = rng.uniform(1.6, 4.0, len(xy))  # -> radius about 2..3 px
     disc = np.clip((cv2.GaussianBlur(imp, (0, 0), 1.5) * 14.15 - 0.45) * 2.5, 0, 1)
-    hem = np.maximum(hem, disc * rng.uniform(1.1, 1.5))
+    return np.maximum(hem, disc * rng.uniform(1.1, 1.5))
 
-    # Tumour cells: pleomorphic pale nuclei with a cytoplasm halo, in clusters.
+
+def _tumour_clusters(rng: np.random.Generator, scenario: str) -> list:
+    """Clusters of tumour cells: one touching the centre for a positive patch (sometimes a
+    second in the rim), only rim clusters for a rim-only negative."""
     clusters = []
     if scenario == "positive":
         clusters.append(_cluster(rng, "centre"))  # its first nucleus covers a centre pixel
@@ -151,42 +158,53 @@ def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     elif scenario == "rim":
         for _ in range(rng.integers(1, 3)):
             clusters.append(_cluster(rng, "rim"))
-    mask = np.zeros((PATCH, PATCH), np.uint8)
-    if clusters:
-        centres = np.concatenate([c for c, _ in clusters])
-        radii = np.concatenate([r for _, r in clusters])
-        halo = radii * rng.uniform(1.3, 1.6, len(radii))
-        if scenario == "rim":  # keep whole cells strictly outside the centre box: polygon
-            # vertices reach at most 1.15 * 1.25 * halo (jitter, stretch), well under 1.6
-            keep = _outside_centre(centres, halo * 1.6 + 2)
-            if not keep.any():  # rare: every cell strayed inwards; one corner cell instead
-                centres, halo, radii, keep = (np.array([[8.0, 8.0]]), np.array([6.0]),
-                                              np.array([4.5]), np.array([True]))
-            centres, radii, halo = centres[keep], radii[keep], halo[keep]
-        cyto = _blobs(rng, centres, halo, jitter=0.15)
-        nuc = _blobs(rng, centres, radii)
-        cv2.fillPoly(mask, list(cyto), 1, shift=2)
-        cv2.fillPoly(mask, list(nuc), 1, shift=2)
-        body = mask.astype(np.float32)
-        eos = eos * (1 - body) + body * rng.uniform(0.25, 0.4)  # paler, smoother cytoplasm
-        hem = hem * (1 - body) + body * 0.10
-        tissue = np.maximum(tissue, body)
-        nuclei = np.zeros_like(hem)
-        has_nucleolus = rng.random(len(nuc)) < 0.6
-        for k, (poly, dark) in enumerate(zip(nuc, rng.uniform(0.4, 0.8, len(nuc)))):
-            cv2.fillPoly(nuclei, [poly], float(dark), cv2.LINE_AA, shift=2)
-            cv2.polylines(nuclei, [poly], True, float(dark) + 0.5, 1, cv2.LINE_AA, shift=2)
-            if has_nucleolus[k]:  # prominent nucleolus, a hallmark of malignancy
-                off = rng.normal(0, 1.0, 2)
-                cv2.circle(nuclei, tuple(int(v) for v in (centres[k] + off) * 4), 5,
-                           float(dark) + 0.9, -1, cv2.LINE_AA, shift=2)
-        # vesicular chromatin: coarse clumps inside the pale nucleus
-        chrom = 0.7 + 0.6 * cv2.resize(rng.random((PATCH // 2, PATCH // 2), np.float32),
-                                       (PATCH, PATCH), interpolation=cv2.INTER_LINEAR)
-        hem = np.maximum(hem, nuclei * chrom)
+    return clusters
 
-    # Optics: slight blur, per-patch stain jitter, Beer-Lambert, sensor noise. One
-    # cv2.transform maps the (H, E) concentrations to log-intensity per RGB channel.
+
+def _tumour_cells(rng: np.random.Generator, scenario: str, clusters: list, eos: np.ndarray,
+                  hem: np.ndarray, tissue: np.ndarray):
+    """Pleomorphic pale nuclei with a cytoplasm halo and prominent nucleoli, painted over the
+    stroma: (tumour mask, eosin, haematoxylin, tissue)."""
+    mask = np.zeros((PATCH, PATCH), np.uint8)
+    if not clusters:
+        return mask, eos, hem, tissue
+    centres = np.concatenate([c for c, _ in clusters])
+    radii = np.concatenate([r for _, r in clusters])
+    halo = radii * rng.uniform(1.3, 1.6, len(radii))
+    if scenario == "rim":  # keep whole cells strictly outside the centre box: polygon
+        # vertices reach at most 1.15 * 1.25 * halo (jitter, stretch), well under 1.6
+        keep = _outside_centre(centres, halo * 1.6 + 2)
+        if not keep.any():  # rare: every cell strayed inwards; one corner cell instead
+            centres, halo, radii, keep = (np.array([[8.0, 8.0]]), np.array([6.0]),
+                                          np.array([4.5]), np.array([True]))
+        centres, radii, halo = centres[keep], radii[keep], halo[keep]
+    cyto = _blobs(rng, centres, halo, jitter=0.15)
+    nuc = _blobs(rng, centres, radii)
+    cv2.fillPoly(mask, list(cyto), 1, shift=2)
+    cv2.fillPoly(mask, list(nuc), 1, shift=2)
+    body = mask.astype(np.float32)
+    eos = eos * (1 - body) + body * rng.uniform(0.25, 0.4)  # paler, smoother cytoplasm
+    hem = hem * (1 - body) + body * 0.10
+    tissue = np.maximum(tissue, body)
+    nuclei = np.zeros_like(hem)
+    has_nucleolus = rng.random(len(nuc)) < 0.6
+    for k, (poly, dark) in enumerate(zip(nuc, rng.uniform(0.4, 0.8, len(nuc)))):
+        cv2.fillPoly(nuclei, [poly], float(dark), cv2.LINE_AA, shift=2)
+        cv2.polylines(nuclei, [poly], True, float(dark) + 0.5, 1, cv2.LINE_AA, shift=2)
+        if has_nucleolus[k]:  # prominent nucleolus, a hallmark of malignancy
+            off = rng.normal(0, 1.0, 2)
+            cv2.circle(nuclei, tuple(int(v) for v in (centres[k] + off) * 4), 5,
+                       float(dark) + 0.9, -1, cv2.LINE_AA, shift=2)
+    # vesicular chromatin: coarse clumps inside the pale nucleus
+    chrom = 0.7 + 0.6 * cv2.resize(rng.random((PATCH // 2, PATCH // 2), np.float32),
+                                   (PATCH, PATCH), interpolation=cv2.INTER_LINEAR)
+    return mask, eos, np.maximum(hem, nuclei * chrom), tissue
+
+
+def _optics(rng: np.random.Generator, hem: np.ndarray, eos: np.ndarray, tissue: np.ndarray
+            ) -> np.ndarray:
+    """Slight blur, per-patch stain jitter, Beer-Lambert, sensor noise: uint8 RGB. One
+    cv2.transform maps the (H, E) concentrations to log-intensity per RGB channel."""
     stains = cv2.merge([hem * tissue, np.clip(eos, 0.05, None) * tissue])
     stains = cv2.GaussianBlur(stains, (0, 0), rng.uniform(0.6, 1.0))
     h_vec = np.clip(_H_VEC + rng.normal(0, 0.06, 3), 0.05, None) * rng.uniform(0.7, 1.3)
@@ -195,7 +213,18 @@ def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     rgb = cv2.exp(cv2.transform(stains, np.c_[-h_vec, -e_vec, np.full(3, brightness)]))
     # sensor noise, shared by the channels (one draw per pixel keeps it cheap)
     rgb += (rng.random((PATCH, PATCH, 1), np.float32) - 0.5) * rng.uniform(6, 14)
-    image = np.clip(rgb, 0, 255).astype(np.uint8)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Paint patch `i` of set `seed`: (uint8 RGB [96,96,3], bool tumour mask [96,96], label)."""
+    rng = np.random.default_rng([seed, i])
+    scenario = _scenario(seed, i)
+    eos, hem, tissue = _stroma(rng)
+    hem = _lymphocytes(rng, hem)
+    clusters = _tumour_clusters(rng, scenario)
+    mask, eos, hem, tissue = _tumour_cells(rng, scenario, clusters, eos, hem, tissue)
+    image = _optics(rng, hem, eos, tissue)
     mask = mask.astype(bool)
     return image, mask, int(mask[_LO:_HI, _LO:_HI].any())
 

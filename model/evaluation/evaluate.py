@@ -1,13 +1,12 @@
-"""Evaluate a trained run on labelled data: metrics, curves and example sets on disk.
+"""Evaluate a trained run on labelled data: `evaluate_run(run_dir, data)` writes metrics,
+curves and example sets; `format_report` is the text `python -m model.evaluate` prints.
 
-    python -m model.evaluate runs/<name>                       # the run's own validation split
-    python -m model.evaluate runs/<name> --data ../shared/data/pcam-h5-sample --tta 8
-
-Inference is re-run from the run's weights (model.run.load_run + model.inference), so the
-numbers are those of the chosen checkpoint and TTA, not the ones recorded during training.
+Inference is re-run from the run's weights (model.runs.load.load_run +
+model.evaluation.inference), so the numbers are those of the chosen checkpoint and TTA, not the
+ones recorded during training.
 Files, written atomically into --out (default <run>/eval/valid or <run>/eval/<data name>):
 
-    metrics.json      model.metrics.summary + run, checkpoint, data, tta, synthetic flag
+    metrics.json      model.evaluation.metrics.summary + run, checkpoint, data, tta, synthetic flag
     predictions.csv   id, label, prob, loss, pred, correct (one row per patch, source order)
     roc.csv           fpr, tpr, threshold
     pr.csv            recall, precision, threshold
@@ -83,6 +82,78 @@ def _training_overlap(run_dir: Path, source, ids: list[str], run_config: dict) -
     return sum(1 for i in ids if i in train_ids)
 
 
+@dataclass
+class _Rows:
+    """The labelled patches an evaluation scores: where they are read, and how described."""
+
+    source: object
+    indices: np.ndarray | None  # rows of `source` (None: all of it, in order)
+    labels: np.ndarray
+    ids: list[str]
+    desc: dict
+    short: str
+
+
+def _rows(loaded, run_dir: Path, data) -> _Rows:
+    """data=None: the run's validation split (valid_ids.csv); else every patch of a labelled
+    source."""
+    if data is None:
+        source, indices, labels = _validation_rows(loaded, run_dir)
+        ids = [source.ids[i] for i in indices]
+        desc = {**source.describe(), "subset": "valid_ids.csv", "source_n": len(source),
+                "n": len(ids)}
+        return _Rows(source, indices, labels, ids, desc,
+                     f"validation split of the run: {source.describe_short()}, {len(ids)} rows")
+    source = open_source(data, "train", size=loaded.input.patch)
+    if not source.labelled:
+        raise DataError(f"{source.describe_short()} has no labels, so it cannot be "
+                        "evaluated; use model.predict for unlabelled data.",
+                        fix=f"python -m model.predict {run_dir} --data {data}")
+    return _Rows(source, None, source.labels.astype(np.int64), list(source.ids),
+                 source.describe(), source.describe_short())
+
+
+def _metrics(loaded, run_dir: Path, rows: _Rows, probs: np.ndarray, *, threshold: float,
+             n_boot: int, target_sensitivity: float, tta: int, seconds: float) -> dict:
+    """metrics.json: model.evaluation.metrics.summary plus where the numbers come from."""
+    source = rows.source
+    metrics = {
+        **M.summary(rows.labels, probs, threshold=threshold, n_boot=n_boot,
+                    target_sensitivity=target_sensitivity),
+        "run": loaded.name,
+        "run_dir": str(run_dir),
+        "checkpoint": loaded.checkpoint,
+        "checkpoint_mtime": loaded.checkpoint_mtime,
+        "data": rows.desc,
+        "data_description": rows.short,
+        "tta": int(tta),
+        "synthetic": bool(source.synthetic or loaded.synthetic),
+        "synthetic_data": bool(source.synthetic),
+        "trained_on_synthetic": bool(loaded.synthetic),
+        "n_training_overlap": _training_overlap(run_dir, source, rows.ids, loaded.config),
+        "inference_seconds": round(seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if source.notes:
+        metrics["data_notes"] = list(source.notes)
+    return metrics
+
+
+def _write_outputs(out_dir: Path, df: pd.DataFrame, labels: np.ndarray, probs: np.ndarray,
+                   metrics: dict, threshold: float) -> None:
+    """The data files first and metrics.json last: a directory with a metrics.json is
+    complete."""
+    sets = M.sample_sets(df[["id", "label", "prob", "loss"]], k=SAMPLES_K, threshold=threshold)
+    samples = pd.concat([s.assign(set=name) for name, s in sets.items()], ignore_index=True)
+    cal, _ = M.calibration(labels, probs)
+    write_csv(out_dir / "predictions.csv", df)
+    write_csv(out_dir / "roc.csv", M.roc_points(labels, probs))
+    write_csv(out_dir / "pr.csv", M.pr_points(labels, probs))
+    write_csv(out_dir / "calibration.csv", cal)
+    write_csv(out_dir / "samples.csv", samples[["set", "id", "label", "prob", "loss"]])
+    write_json(out_dir / "metrics.json", metrics)
+
+
 def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
                  threshold: float = 0.5, tta: int = 1, target_sensitivity: float = 0.95,
                  n_boot: int = 1000, progress=True, batch_size: int = 256,
@@ -90,72 +161,22 @@ def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
     """Re-run inference of `run_dir` on labelled data and write the evaluation files.
 
     data=None: the run's own validation split (valid_ids.csv, labels from there); otherwise
-    any labelled source that model.sources.open_source understands."""
-
+    any labelled source that model.data.open.open_source understands."""
     check_tta(tta)
     if not 0.0 <= float(threshold) <= 1.0:
         raise DataError(f"threshold must be in [0, 1]; got {threshold}.")
     run_dir = Path(run_dir)
     loaded = load_run(run_dir, checkpoint)
-    if data is None:
-        source, indices, labels = _validation_rows(loaded, run_dir)
-        ids = [source.ids[i] for i in indices]
-        data_desc = {**source.describe(), "subset": "valid_ids.csv", "source_n": len(source),
-                     "n": len(ids)}
-        data_short = f"validation split of the run: {source.describe_short()}, {len(ids)} rows"
-    else:
-        source = open_source(data, "train", size=loaded.input.patch)
-        if not source.labelled:
-            raise DataError(f"{source.describe_short()} has no labels, so it cannot be "
-                            "evaluated; use model.predict for unlabelled data.",
-                            fix=f"python -m model.predict {run_dir} --data {data}")
-        indices, labels, ids = None, source.labels.astype(np.int64), list(source.ids)
-        data_desc, data_short = source.describe(), source.describe_short()
+    rows = _rows(loaded, run_dir, data)
     out_dir = Path(out) if out is not None else default_out_dir(run_dir, data)
-
     t0 = time.time()
-    probs = predict_probs(loaded, source, tta=tta, indices=indices, progress=progress,
+    probs = predict_probs(loaded, rows.source, tta=tta, indices=rows.indices, progress=progress,
                           batch_size=batch_size, precision=precision, compile=compile)
     seconds = time.time() - t0
-
-    df = M.prediction_table(ids, labels, probs, threshold)
-    summ = M.summary(labels, probs, threshold=threshold, n_boot=n_boot,
-                     target_sensitivity=target_sensitivity)
-    synthetic = bool(source.synthetic or loaded.synthetic)
-    overlap = _training_overlap(run_dir, source, ids, loaded.config)
-    metrics = {
-        **summ,
-        "run": loaded.name,
-        "run_dir": str(run_dir),
-        "checkpoint": loaded.checkpoint,
-        "checkpoint_mtime": loaded.checkpoint_mtime,
-        "data": data_desc,
-        "data_description": data_short,
-        "tta": int(tta),
-        "synthetic": synthetic,
-        "synthetic_data": bool(source.synthetic),
-        "trained_on_synthetic": bool(loaded.synthetic),
-        "n_training_overlap": overlap,
-        "inference_seconds": round(seconds, 3),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if source.notes:
-        metrics["data_notes"] = list(source.notes)
-
-    roc = M.roc_points(labels, probs)
-    pr = M.pr_points(labels, probs)
-    cal, _ = M.calibration(labels, probs)
-    sets = M.sample_sets(df[["id", "label", "prob", "loss"]], k=SAMPLES_K, threshold=threshold)
-    samples = pd.concat([s.assign(set=name) for name, s in sets.items()], ignore_index=True)
-    samples = samples[["set", "id", "label", "prob", "loss"]]
-
-    # The data files first and metrics.json last: a directory with a metrics.json is complete.
-    write_csv(out_dir / "predictions.csv", df)
-    write_csv(out_dir / "roc.csv", roc)
-    write_csv(out_dir / "pr.csv", pr)
-    write_csv(out_dir / "calibration.csv", cal)
-    write_csv(out_dir / "samples.csv", samples)
-    write_json(out_dir / "metrics.json", metrics)
+    df = M.prediction_table(rows.ids, rows.labels, probs, threshold)
+    metrics = _metrics(loaded, run_dir, rows, probs, threshold=threshold, n_boot=n_boot,
+                       target_sensitivity=target_sensitivity, tta=tta, seconds=seconds)
+    _write_outputs(out_dir, df, rows.labels, probs, metrics, threshold)
     return EvalResult(out_dir=out_dir, metrics=metrics, predictions=df)
 
 

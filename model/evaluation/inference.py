@@ -6,15 +6,16 @@
     loaded = load_run("runs/<name>")
     probs = predict_probs(loaded, open_source("../shared/data/pcam-sample", "test"), tta=8)
 
-The hot loop moves uint8 batches only (model.data.iter_batches: ordered, bounded memory, loader
-workers decode while the model runs), applies the evaluation transform `model.presets.prepare`
-to the whole batch, and runs the model under `torch.inference_mode` in channels_last, with bf16
-autocast on CPUs that have native bf16 (AVX-512 BF16 / AMX) and on CUDA. Softmax is taken in
-float32 and the result returned as float64 (model.metrics wants float64).
+The hot loop moves uint8 batches only (model.data.batches.iter_batches: ordered, bounded
+memory, loader workers decode while the model runs), applies the evaluation transform
+`model.nets.transforms.prepare` to the whole batch, and runs the model under
+`torch.inference_mode` in channels_last, with bf16 autocast on CPUs that have native bf16
+(AVX-512 BF16 / AMX) and on CUDA. Softmax is taken in float32 and the result returned as
+float64 (model.evaluation.metrics wants float64).
 
 Test-time augmentation (TTA) averages the softmax probabilities of the first `tta` of the 8
-dihedral views (k = 0..tta-1, see model.presets.dihedral); tta=8 uses the whole group, so the
-prediction is invariant to flipping or rotating the patch by 90 degrees.
+dihedral views (k = 0..tta-1, see model.nets.transforms.dihedral); tta=8 uses the whole group,
+so the prediction is invariant to flipping or rotating the patch by 90 degrees.
 """
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                   device=None, compile: bool = False) -> np.ndarray:
     """float64 P(class index 1) for every patch of `source` (or for `indices`), in order.
 
-    `loaded`: a model.run.LoadedRun. `tta`: 1..8 dihedral views averaged (softmax probs).
+    `loaded`: a model.runs.load.LoadedRun. `tta`: 1..8 dihedral views averaged (softmax probs).
     `indices`: positions in the source (any order, repeats allowed); the result follows them.
     `progress`: True = tqdm bar on stderr, a callable(done, total), or False.
     `precision`: "auto" (bf16 autocast on CUDA / bf16-capable CPUs), "fp32", or "bf16".

@@ -9,7 +9,7 @@ Conventions used throughout:
 - `probs` is a 1-D array of P(class 1) in [0, 1], the same length as `labels`.
 - A patch is predicted positive when `prob >= threshold`.
 - Bad input (empty arrays, mismatched lengths, labels other than 0/1, probabilities outside
-  [0, 1] or NaN, a single class where a metric needs both) raises `model.errors.DataError`
+  [0, 1] or NaN, a single class where a metric needs both) raises `model.core.errors.DataError`
   with a message saying what is wrong, so the CLI can print it and the viewer can `st.error` it.
 - Functions return plain data: floats, dicts, numpy arrays, pandas DataFrames. Only `summary`
   promises JSON-ready values (undefined rates become None there; elsewhere they are NaN so

@@ -1,24 +1,6 @@
-"""Predict unlabelled patches and write a Kaggle submission (id,label = P(tumour)).
-
-    python -m model.predict runs/<name> --data ../shared/data/pcam-sample --tta 8
-    python -m model.predict runs/<name> --data DATA --shard 0/2 --out part0.csv   # machine 1
-    python -m model.predict runs/<name> --data DATA --shard 1/2 --out part1.csv   # machine 2
-    python -m model.predict --merge part0.csv part1.csv --data DATA --out submission.csv
-
---data is a Kaggle folder (its test/ patches, in sample_submission.csv order when that file
-exists), a flat folder of images, or a PCam _x.h5 file. The label column holds the probability
-of class 1 (Kaggle scores ROC AUC on probabilities). Rows follow the source's order. Files are
-written atomically: an interrupted prediction leaves no partial CSV behind.
-
---shard RANK/WORLD predicts the RANK-th of WORLD contiguous slices and writes a part file with
-an extra `index` column; --merge checks that the parts cover every patch of --data exactly once
-and writes the submission in source order.
-
-Under torchrun without --shard, the same happens in one command: rank r predicts shard
-r/WORLD into a part file beside --out, and rank 0 merges the parts into the submission
-(every id exactly once, source order) and removes them:
-
-    torchrun --standalone --nproc_per_node=4 -m model.predict runs/<name> --data DATA --out s.csv
+"""Predictions for unlabelled patches in Kaggle submission form (id,label = P(tumour)), and
+the merge of sharded part files: `predict_source`, `merge_parts`, `parse_shard`. The command
+line around them is model/predict.py.
 """
 from __future__ import annotations
 

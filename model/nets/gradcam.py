@@ -4,7 +4,7 @@
     heat = gradcam(loaded, patches_uint8)            # float32 [N,96,96] in 0..1
     rgb = overlay(patches_uint8[0], heat[0])         # uint8 [96,96,3]
 
-The patch goes through the evaluation transform (model.presets.prepare: centre crop, resize,
+The patch goes through the evaluation transform (model.nets.transforms.prepare: centre crop, resize,
 normalise), Grad-CAM is computed at a body layer in fp32, upsampled (bilinear) to the network
 input, and mapped back onto the patch: the resize is undone and the area outside a centre crop
 is 0. Each map is divided by its maximum (an all-zero map stays zero).
@@ -86,7 +86,7 @@ def _stage_layers(model: nn.Module, input_size: int
 
 def gradcam_layers(loaded) -> list[str]:
     """Candidate Grad-CAM layer names (model.named_modules() names), the default first:
-    model.archs.default_gradcam_layer (last stride-16 block), then one block per resolution."""
+    model.nets.archs.default_gradcam_layer (last stride-16 block), then one block per resolution."""
 
     model = loaded.model
     with _LAYER_LOCK:

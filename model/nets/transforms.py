@@ -1,4 +1,4 @@
-"""Input presets: how uint8 patches become model inputs, and histology-safe augmentation.
+"""Input transforms: how uint8 patches become model inputs, and histology-safe augmentation.
 
 Everything here works on whole batches of tensors on the model's device (CPU or GPU), so the
 data loader only moves uint8 bytes and no per-image Python runs in the hot loop.

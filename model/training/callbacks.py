@@ -103,7 +103,7 @@ class RunRecorder(Callback):
         self.start_epoch, self.state, self.batch_tfm = start_epoch, state, batch_tfm
         self.sampler, self.valid_ids, self.valid_labels = sampler, valid_ids, valid_labels
         self.save_resume = save_resume
-        self.dist = dist  # model.distributed.Dist under torchrun: only rank 0 writes
+        self.dist = dist  # model.training.distributed.Dist under torchrun: only rank 0 writes
 
     # ---- seeding
     def before_epoch(self):

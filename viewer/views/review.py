@@ -1,6 +1,6 @@
 """Review: a pathologist goes through the run's top losses (or most uncertain, or missed
 tumours first) and confirms, relabels, flags or skips each patch. Every decision is written
-at once to the SQLite review log beside the data (model.review); the queue resumes where it
+at once to the SQLite review log beside the data (model.review.log); the queue resumes where it
 was left because reviewed ids of this run are excluded."""
 from __future__ import annotations
 
