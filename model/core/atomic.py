@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from model.core.errors import StorageError
 
 
@@ -143,7 +145,6 @@ def write_csv(path, df, *, fsync: bool = True) -> None:
 
 
 def _json_default(o):
-    import numpy as np
 
     if isinstance(o, np.generic):
         return o.item()

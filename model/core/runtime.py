@@ -3,9 +3,8 @@
 glibc's malloc serves every block above its mmap threshold (at most 32 MB, however it adapts)
 with a fresh `mmap` and returns it with `munmap` on free. A training step at 144 px allocates
 and frees activation tensors of 20-80 MB each: every step then maps them anew and takes a page
-fault for each 4 KB page, so on 2 cores a third of the time went to the kernel (measured:
-`tf_efficientnet_lite0` training at 144 px, batch 64: 36 img/s with 4.3 s system time per 6
-steps; with the settings below 52 img/s, 0.5 s system time; 96 px: 74 -> 107 img/s).
+fault for each 4 KB page, so on 2 cores a third of the time went to the kernel (the measured
+speed-up is in the README, Performance).
 Keeping freed memory in the heap for reuse (the same effect as tcmalloc/jemalloc) costs some
 resident memory that a training or inference process holds anyway at its peak.
 """
@@ -15,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +54,6 @@ def quiet_known_warnings() -> None:
     `torch.jit.script` at import, which torch >= 2.10 reports as deprecated on every run.
     Also for the processes this one starts (spawned workers, subprocesses), through
     PYTHONWARNINGS, whose message field matches the start of the warning text."""
-    import warnings
 
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                             category=FutureWarning)
@@ -98,9 +97,9 @@ def resolve_precision(name: str, device: str) -> str:
         return name
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # CPU training stays fp32: measured on an AVX-512-BF16 Xeon (1 thread, bs 32, 96 px),
-    # bf16 autocast made tf_efficientnet_lite0 training 4x slower (12.9 vs 52.2 img/s; the
-    # depthwise-conv backward has no fast bf16 kernel). Inference does gain from bf16.
+    # CPU training stays fp32: bf16 autocast made tf_efficientnet_lite0 training several times
+    # slower on an AVX-512-BF16 CPU (the depthwise-conv backward has no fast bf16 kernel;
+    # README, Performance). Inference does gain from bf16.
     return "fp32"
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from model.data.base import PatchSource
 
@@ -34,7 +35,6 @@ def read_all(source: PatchSource, *, threads: int = 4, chunk: int = 256,
 
     bar = None
     if progress and n > 2 * chunk:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc=f"reading {source.kind} patches", unit="patch", leave=False,
                    disable=None)  # None: no bar when stderr is not a terminal (logs)
@@ -126,10 +126,9 @@ def iter_batches(source: PatchSource, batch_size: int, *, workers: int | None = 
 
     workers=0 reads each batch in this process, between model calls: right for a model on
     the CPU, whose intra-op threads already use every core. Loader processes (or a reading
-    thread) only add start-up, pickling and contention there (2 cores, 4,096 real patches,
-    lite0 at 96 px: 563-597 patches/s in-process, 467-526 with a prefetch thread, 510 with
-    two worker processes). workers>0 (None: up to 4) starts worker processes, for a model on
-    a GPU that waits for the CPU to decode."""
+    thread) only add start-up, pickling and contention there (measured: README,
+    Performance). workers>0 (None: up to 4) starts worker processes, for a model on a GPU
+    that waits for the CPU to decode."""
     ds = PatchDataset(source, preload=False)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if source.kind in ("synthetic", "packed", "pcam-h5"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 
 from model.core.errors import DataError
 from model.data.base import PATCH, PCAM_CLASSES, PatchSource
@@ -74,7 +75,6 @@ class PcamH5Source(PatchSource):
                 ids = [check_id(r["id"], ids_csv, k + 2) for k, r in enumerate(rows)]
         groups = None
         if meta_path is not None:
-            import pandas as pd
 
             meta = pd.read_csv(meta_path)
             col = next((c for c in ("wsi", "slide", "slide_id") if c in meta.columns), None)
@@ -89,7 +89,6 @@ class PcamH5Source(PatchSource):
     def _x(self):
         # h5py handles do not survive fork: reopen in each process
         if self._file is None or self._pid != os.getpid():
-            import h5py
 
             self._file = h5py.File(self.x_path, "r")
             self._pid = os.getpid()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -89,7 +90,6 @@ def decode_image(path: str | Path, *, expect_size: tuple[int, int] | None = None
 
 def resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
     """Resize to size x size (area interpolation when shrinking, cubic when growing)."""
-    import cv2
 
     if arr.shape[0] == size and arr.shape[1] == size:
         return arr

@@ -27,7 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
 
 from model.core.errors import DataError
 from model.data.base import PatchSource, SubsetSource
@@ -129,7 +132,6 @@ class InspectReport:
 
     def table(self):
         """A pandas DataFrame with columns check, count, examples (up to 3 ids)."""
-        import pandas as pd
 
         return pd.DataFrame(
             [{"check": c, "count": n, "examples": ", ".join(ex[:EXAMPLES])
@@ -168,7 +170,6 @@ class _Chunk:
 
     def add(self, i: int, arr: np.ndarray) -> None:
         """Account for one good HxWx3 uint8 patch."""
-        import cv2
 
         arr = np.ascontiguousarray(arr)
         npx = arr.shape[0] * arr.shape[1]
@@ -263,7 +264,6 @@ def _missing_files(paths: list[Path]) -> list[int]:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
 
     # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
     return tqdm(total=total, unit="patch", desc="inspect", disable=None if enabled else True,

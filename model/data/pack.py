@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from model.core.atomic import can_create_files, marked_read_only
 from model.core.errors import DataError, PcamLensError
@@ -599,7 +600,6 @@ def _read_chunk(source: PatchSource, start: int, stop: int, data: str) -> np.nda
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
 
     # disable=None: no bar when stderr is not a terminal (a log file would fill with redraws)
     return tqdm(total=total, unit="patch", desc="packing", disable=None if enabled else True,

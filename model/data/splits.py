@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from model.core.errors import DataError
 from model.data.base import PatchSource
@@ -41,7 +42,7 @@ def stratified_split(labels: np.ndarray, valid_pct: float, seed: int) -> Split:
 def grouped_split(labels: np.ndarray, groups: np.ndarray, valid_pct: float, seed: int) -> Split:
     """Whole slides go to validation until it holds about `valid_pct` of the patches,
     stratified as far as slides allow (StratifiedGroupKFold with k = round(1/valid_pct))."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import StratifiedGroupKFold  # seconds to import: only here
 
     k = max(2, round(1 / valid_pct))
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -54,7 +55,6 @@ def ids_split(source: PatchSource, ids_file: Path) -> Split:
     if not ids_file.exists():
         raise DataError(f"Validation id list {ids_file} does not exist.", path=ids_file,
                         fix="Pass a CSV with an 'id' column (e.g. a run's valid_ids.csv).")
-    import pandas as pd
 
     try:
         ids = pd.read_csv(ids_file, dtype=str, encoding="utf-8-sig")["id"].str.strip()

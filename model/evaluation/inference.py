@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from model.core.errors import DataError, PcamLensError, one_line
 from model.core.runtime import cpu_has_bf16
@@ -116,7 +117,6 @@ class _Progress:
             self.fn = progress
             self.fn(0, total)
         elif progress:
-            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="patch", file=sys.stderr,
                             dynamic_ncols=True, leave=False,
@@ -152,8 +152,8 @@ class _Compiled:
     """The model through `torch.compile` (inductor, weights frozen into the graph: BN folded
     into the convolutions, oneDNN weight packing). One static graph serves every batch: a
     short last batch is padded to the first batch's size, since a second shape would mean a
-    second compilation. Compiling costs ~30 s on 2 cores (lite0, 96 px) and makes the bf16
-    forward pass ~1.7x faster (904 -> 1,533 img/s), so it pays on large sets only. If
+    second compilation. Compiling takes tens of seconds and then speeds up the forward pass
+    (README, Performance: the figures), so it pays on large sets only. If
     compiling fails (no C++ compiler, an unsupported op), prediction goes on without it."""
 
     def __init__(self, model: torch.nn.Module):

@@ -13,6 +13,10 @@ from torch import nn
 
 from model.core.errors import PcamLensError
 
+# fastai, timm and torchvision are imported inside the functions that use them: together they
+# add about 10 s to a 2-core start-up (python -X importtime), which tools that never build a
+# network (inspect, pack, the viewer's data pages) should not pay.
+
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121", "densenet169")
 DEFAULT_ARCH = "tf_efficientnet_lite0"  # ImageNet weights install with pip: works offline
 

@@ -21,9 +21,11 @@ import copy
 import threading
 import weakref
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from captum.attr import LayerGradCam
 from torch import nn
 
 from model.core.errors import DataError
@@ -144,7 +146,6 @@ def gradcam(loaded, x_uint8: np.ndarray, *, layer: str | None = None, target=Non
 
     `layer`: a name from gradcam_layers (default: its first). `target`: None = the predicted
     class of each patch, an int, or one class index per patch."""
-    from captum.attr import LayerGradCam
 
 
     x = as_patch_array(x_uint8)
@@ -192,7 +193,6 @@ def overlay(rgb_uint8: np.ndarray, heat: np.ndarray, alpha: float = 0.5,
             colormap: str = "jet") -> np.ndarray:
     """Blend a 0..1 heatmap, coloured with an OpenCV colormap, over an RGB uint8 image.
     Returns uint8 [H,W,3] (RGB). `heat` is resized to the image when sizes differ."""
-    import cv2
 
     rgb = np.asarray(rgb_uint8)
     heat = np.asarray(heat, dtype=np.float32)

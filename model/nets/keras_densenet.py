@@ -11,6 +11,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -53,7 +54,6 @@ def keras_name_to_torchvision(name: str) -> str | None:
 def read_keras_file(path: Path) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
     """Weights of a Keras 3 `.keras` file by layer name (variables in creation order), and
     the epsilon of every BatchNormalization layer named in its config.json."""
-    import h5py
 
     try:
         with zipfile.ZipFile(path) as z:

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from model.core.atomic import atomic_open
 from model.core.errors import WeightsError
@@ -189,7 +191,6 @@ def _read_cached(path: Path, expect: dict[str, str]) -> tuple[dict, dict] | None
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -202,7 +203,6 @@ def _read_cached(path: Path, expect: dict[str, str]) -> tuple[dict, dict] | None
 
 
 def _write_cache(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    from safetensors.torch import save
 
 
     try:
@@ -342,7 +342,7 @@ def _torch_hub_file(url: str | None) -> Path | None:
 def _hf_cached_file(cfg) -> Path | None:
     if not cfg.hf_hub_id:
         return None
-    try:
+    try:  # timm's hub helper; absent without huggingface_hub
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
@@ -411,7 +411,7 @@ def _hub_timm(arch: str) -> tuple[dict, dict]:
     if cached is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(cached)}  # no network at all
     else:
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # only when timm downloads (its dependency)
 
         url = cfg.url
         if cfg.hf_hub_id:

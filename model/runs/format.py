@@ -22,7 +22,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from model.core.atomic import write_bytes
@@ -33,8 +36,7 @@ RUN_FORMAT_VERSION = 2  # 2: the resolved TrainConfig under "config"; 1: a "trai
 
 
 def library_versions() -> dict:
-    import fastai
-    import numpy
+    import fastai  # heavy (seconds): only when a run is written
     import timm
     import torchvision
 
@@ -62,7 +64,6 @@ def git_commit() -> str | None:
 
 def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
     """Write the model's state dict as safetensors, atomically."""
-    from safetensors.torch import save
 
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -72,7 +73,6 @@ def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) from a safetensors file; RunError when missing or corrupted."""
-    from safetensors import safe_open
 
     path = Path(path)
     if not path.exists():

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,6 @@ def load_export_pkl(path: str | os.PathLike, *, allow_pickle: bool = False):
         raise RunError(f"Refusing to unpickle {path}: a pickle can run arbitrary code.",
                        path=path, fix="Use load_run(run_dir) (safetensors), or pass "
                                       "allow_pickle=True if you trust the file.")
-    import warnings
 
     from fastai.learner import load_learner
 

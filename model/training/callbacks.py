@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
+from safetensors.torch import save
 
 from model.core.atomic import write_bytes, write_csv, write_json
 from model.core.errors import RunError
@@ -126,7 +127,7 @@ class RunRecorder(Callback):
     def after_epoch(self):
         if self.epoch < self.start_epoch or not self._probs:
             return  # an epoch skipped on resume, or cancelled
-        from sklearn.metrics import roc_auc_score
+        from sklearn.metrics import roc_auc_score  # seconds to import: only when scoring
 
 
         g = self.offset + self.epoch
@@ -185,7 +186,6 @@ def _mean_over_ranks(dist, value):
 def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
     """Weights + optimizer moments + progress in one safetensors file, written atomically, so
     the resume point is always self-consistent (never weights of epoch k with state of k-1)."""
-    from safetensors.torch import save
 
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous()
