@@ -15,6 +15,7 @@ from pathlib import Path
 from model.core.atomic import write_json
 from model.core.cli import run_cli
 from model.core.errors import DataError
+from model.core.paths import DATA_SUBDIR
 from model.data.base import PatchSource
 from model.data.inspect import default_workers, format_table, inspect_source
 from model.data.open import open_source
@@ -34,7 +35,7 @@ def default_json_path(data: str, source: PatchSource) -> Path:
     root = Path(data).expanduser()
     if root.is_file():
         root = root.parent
-    cache = root / ".pcam-lens"
+    cache = root / DATA_SUBDIR
     try:
         cache.mkdir(exist_ok=True)
         if os.access(cache, os.W_OK):

@@ -17,8 +17,9 @@ import numpy as np
 
 from model.core.cli import run_cli
 from model.core.errors import PcamLensError
+from model.core.paths import DATA_SUBDIR
 from model.data.open import open_source
-from model.data.pack import DATA_SUBDIR, default_workers, verify_pack
+from model.data.pack import default_workers, verify_pack
 from model.data.packing import pack
 
 

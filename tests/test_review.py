@@ -561,3 +561,23 @@ def test_queue_validates_its_input(preds):
         review_queue(preds.drop(columns=["label"]), "false_negatives_first")
     q, done, total = review_queue(preds, "top_losses", reviewed=set(preds["id"]))
     assert q.empty and (done, total) == (6, 6)
+
+
+def test_fallback_locations_share_one_key_even_for_non_utf8_paths(tmp_path, monkeypatch):
+    """The review log's and the pack's per-user folders name a data folder by the same key
+    (model.core.paths.path_key), also when its path is not valid UTF-8 (which used to crash
+    the review log's fallback)."""
+    import os
+
+    from model.core.paths import path_key
+    from model.data.pack import fallback_pack_dir
+
+    monkeypatch.setenv("PCAM_LENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PCAM_LENS_CACHE", str(tmp_path / "cache"))
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/data-\xff"))
+    odd.mkdir()
+    log = review.fallback_log_path(odd)
+    key = path_key(odd)
+    assert log == tmp_path / "home" / "reviews" / key / "review_log.sqlite"
+    assert fallback_pack_dir(odd, "train").parent.name == key
+    assert path_key(tmp_path) != key

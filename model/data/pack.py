@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from model.core.atomic import can_create_files, marked_read_only
 from model.core.errors import DataError, PcamLensError
+from model.core.paths import DATA_SUBDIR, cache_base, path_key
 from model.data.base import PatchSource, ids_fingerprint
 from model.data.files import FileSource
 from model.data.hdf5 import PcamH5Source
@@ -70,7 +71,6 @@ from model.data.kaggle import KaggleSource
 FORMAT = "pcam-lens-pack"
 FORMAT_VERSION = 1
 ARRAY_NAME = "patches.u8"
-DATA_SUBDIR = ".pcam-lens"
 FULL_CHECK_MAX = 20_000  # sources with at most this many files get every file stat-ed on open
 SAMPLE_FILES = 64  # files whose stat is checked on every open, whatever the size
 CHUNK = 256  # patches per thread-pool task when packing
@@ -80,22 +80,8 @@ _warned: set[tuple[str, str]] = set()
 # --------------------------------------------------------------------------- locations
 
 
-def cache_base() -> Path:
-    """$PCAM_LENS_CACHE, else $XDG_CACHE_HOME/pcam-lens, else ~/.cache/pcam-lens."""
-    env = os.environ.get("PCAM_LENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "pcam-lens"
-
-
-def _path_key(root: Path) -> str:
-    resolved = str(Path(root).expanduser().resolve())
-    return hashlib.sha1(resolved.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
 def fallback_pack_dir(root: Path, split: str) -> Path:
-    return cache_base() / "packs" / _path_key(root) / f"pack-{split}"
+    return cache_base() / "packs" / path_key(root) / f"pack-{split}"
 
 
 def _writable(folder: Path) -> bool:

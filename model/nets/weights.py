@@ -59,6 +59,7 @@ from safetensors.torch import save
 
 from model.core.atomic import atomic_open
 from model.core.errors import WeightsError
+from model.core.paths import cache_base
 from model.nets.archs import TORCHVISION_ARCHS
 from model.nets.keras_densenet import convert_keras_densenet
 
@@ -69,7 +70,6 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 HALF = [0.5, 0.5, 0.5]
 SOURCES = ("auto", "pip", "hub")
-CACHE_ENV = "PCAM_LENS_CACHE"
 HUB_TIMEOUT_S = 10.0  # socket timeout while downloading from the hub
 PROBE_TIMEOUT_S = 4.0  # TCP connect timeout of the reachability probe
 NO_WEIGHTS_FIX = ("run once with internet, or use --arch tf_efficientnet_lite0 / densenet121 "
@@ -235,14 +235,8 @@ def _pip_spec(arch: str) -> _PipWeights | None:
 # --------------------------------------------------------------------------- helpers
 
 def weights_cache_dir() -> Path:
-    """Where converted weights are cached: `$PCAM_LENS_CACHE/weights`, else
-    `$XDG_CACHE_HOME/pcam-lens/weights`, else `~/.cache/pcam-lens/weights`."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser() / "weights"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "pcam-lens" / "weights"
+    """Where converted weights are cached: <cache>/weights (model.core.paths.cache_base)."""
+    return cache_base() / "weights"
 
 
 def _is_torchvision(arch: str) -> bool:

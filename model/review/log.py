@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import random
 import sqlite3
@@ -51,11 +50,10 @@ import pandas as pd
 
 from model.core.atomic import can_create_files, marked_read_only, write_csv
 from model.core.errors import PcamLensError, StorageError
+from model.core.paths import DATA_SUBDIR, HOME_ENV, path_key, user_data_base
 
 SCHEMA_VERSION = 1
 LOG_NAME = "review_log.sqlite"
-DATA_SUBDIR = ".pcam-lens"
-HOME_ENV = "PCAM_LENS_HOME"
 ACTIONS = ("confirm", "relabel", "flag", "skip")
 FLAG_REASONS = ("artefact", "out_of_focus", "no_tissue", "other")
 QUEUE_ORDERS = ("top_losses", "uncertain", "false_negatives_first")
@@ -115,15 +113,6 @@ class ReviewError(PcamLensError, ValueError):
 
 # --------------------------------------------------------------------------- where the log lives
 
-def _user_base() -> Path:
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
-    return base / "pcam-lens"
-
-
 def _dir_is_writable(data_dir: Path) -> bool:
     """True when the review log can be created and written beside the data.
 
@@ -160,9 +149,8 @@ def fallback_log_path(data_root: Path | None) -> Path:
     if data_root is None:
         key = "synthetic"
     else:
-        resolved = str(Path(data_root).expanduser().resolve())
-        key = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:16]
-    return _user_base() / "reviews" / key / LOG_NAME
+        key = path_key(data_root)
+    return user_data_base() / "reviews" / key / LOG_NAME
 
 
 def default_log_path(data_root: Path | None, *,
