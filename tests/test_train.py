@@ -117,10 +117,12 @@ def test_sigkill_mid_epoch_then_resume_completes_the_run(tmp_path):
     and --resume completes it on the same one-cycle schedule."""
     run = tmp_path / "cut"
     with open(tmp_path / "cut.log", "wb") as log:
-        proc = _train_subprocess([*TINY, "--frozen-epochs", "1", "--epochs", "3",
-                                  "--run-dir", str(run)], log)
+        # 1,600 patches: an epoch of this tiny net lasts a few seconds, long enough to land
+        # the kill inside the third one
+        proc = _train_subprocess([*TINY, "--data", "synthetic:n=1600", "--frozen-epochs", "1",
+                                  "--epochs", "3", "--run-dir", str(run)], log)
         _wait_for_epochs(run, 2, proc)
-        time.sleep(1.0)  # into epoch 3
+        time.sleep(0.5)  # into epoch 3
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert json.loads((run / "progress.json").read_text())["status"] == "running"
