@@ -21,7 +21,6 @@ from model.nets.archs import DEFAULT_ARCH
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -54,7 +54,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-
     if args.merge:
 
         if args.shard:

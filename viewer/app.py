@@ -112,7 +112,6 @@ def _run(c: state.Context, ss) -> None:
 
 
 def _list_runs(root: Path) -> list[Path]:
-
     try:
         return list_runs(root)
     except OSError:

@@ -35,7 +35,6 @@ def patch_image(rgb: np.ndarray, label=None, size: int = 192, box: bool = True,
     96-px PNG encodes ~6x faster than a 192-px one."""
     import cv2
 
-
     f = max(1, round(size / rgb.shape[0]))
     img = np.ascontiguousarray(np.repeat(np.repeat(rgb, f, 0), f, 1)) if f > 1 \
         else np.array(rgb, copy=True)

@@ -78,7 +78,6 @@ def _finish(df: pd.DataFrame, source) -> pd.DataFrame:
 
 @st.cache_resource(max_entries=2, show_spinner="Opening the run's data...")
 def _run_source(desc_json: str):
-
     return reopen_source(json.loads(desc_json))
 
 

@@ -23,9 +23,9 @@ from model.core.errors import DataError, RunError
 from model.data.inspect import inspect_source
 from model.data.open import open_source
 from model.review.log import ReviewLog, default_log_path
-from model.runs.format import default_runs_root, read_config
+from model.runs.format import default_runs_root, read_config, read_json
 from model.runs.load import load_run, weights_path
-from model.runs.summary import RunSummary, read_json
+from model.runs.summary import RunSummary
 
 SETTINGS_NAME = "viewer.json"
 DEFAULTS = {"source_kind": "synthetic", "path": "", "split": "train", "run": None,
@@ -83,7 +83,6 @@ def save_settings(values: dict) -> str | None:
 
 
 def runs_root(settings: dict) -> Path:
-
     return Path(settings["runs_root"]).expanduser() if settings.get("runs_root") \
         else default_runs_root()
 
@@ -114,7 +113,6 @@ def source_key(spec: str, split: str) -> SourceKey:
 
 @st.cache_resource(max_entries=6, show_spinner="Opening the data source...")
 def _open_source(spec: str, split: str, stamp: float):
-
     return open_source(spec, split)
 
 
@@ -149,7 +147,6 @@ def run_key(run_dir: Path, checkpoint: str) -> RunKey:
 
 @st.cache_resource(max_entries=3, show_spinner="Loading the model...")
 def load_model(run_dir: str, checkpoint: str, mtime: float):
-
     return load_run(run_dir, checkpoint)
 
 
@@ -212,7 +209,6 @@ def ctx() -> Context:
 
 
 def review_log(source):
-
     return ReviewLog(default_log_path(None if source is None or source.synthetic
                                       else source.root))
 
@@ -230,7 +226,6 @@ def inspect_report(sk: SourceKey) -> dict | None:
 
 
 def run_inspect(sk: SourceKey, max_items: int | None) -> dict:
-
     rep = inspect_source(open_source_cached(sk), progress=False, max_items=max_items,
                          workers=2).to_dict()
     _inspect_store()[sk] = rep

@@ -177,7 +177,6 @@ class BenchData:
 def hardware_info(device: str) -> dict:
     import torch
 
-
     cpu = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -313,7 +312,6 @@ def prepare_data(spec: str, n: int, root: Path) -> BenchData:
     import pandas as pd
     from PIL import Image
 
-
     source = open_source(spec, "train", use_pack=False)
     if source.size != 96:
         raise DataError(f"{source.describe_short()} has {source.size}px patches; the bench "
@@ -344,7 +342,6 @@ def prepare_data(spec: str, n: int, root: Path) -> BenchData:
 
 
 def _big_chunk(args) -> tuple[int, np.ndarray]:
-
     n, seed, start, stop = args
     return start, SyntheticSource(n=n, seed=seed).read_batch(np.arange(start, stop))
 
@@ -356,7 +353,6 @@ def big_synthetic_pack(n: int, where: Path, workers: int) -> Path:
     HDF5 file, packed with model.pack, and the HDF5 removed. Reused when `where` already
     holds one of n patches."""
     import h5py
-
 
     target = where / "pack-train"
     with contextlib.suppress(PcamLensError, OSError, KeyError):
@@ -407,7 +403,6 @@ def _rate(read, n: int, repeats: int) -> float:
 
 def bench_reading(data: BenchData, s: Settings) -> list[Row]:
     from fastai.vision.core import PILImage, image2tensor
-
 
     n, chunk = len(data.ids), 256
     starts = range(0, n, chunk)
@@ -529,7 +524,6 @@ def our_learner(data_spec: str, arch: str, run_dir: Path, s: Settings) -> OurRun
 
 
 def _stock_arch(arch: str):
-
     if arch in TORCHVISION_ARCHS:
         import torchvision
 
@@ -615,7 +609,6 @@ def fp32_reference(loaded, x: np.ndarray, bs: int) -> np.ndarray:
     """softmax(model(prepare(x)))[:, 1] in plain fp32, the definition ours must match."""
     import torch
 
-
     dev = next(loaded.model.parameters()).device
     out = []
     with torch.inference_mode():
@@ -632,7 +625,6 @@ def _time(fn) -> tuple[float, object]:
 
 
 def bench_inference(data: BenchData, loaded, stock, s: Settings) -> tuple[list[Row], dict]:
-
     source = KaggleSource(data.kaggle, "train")  # the files, not the pack: end to end
     n = len(source)
     files = data.files
@@ -716,7 +708,6 @@ def stock_gradcam(stock, files: list[Path], layer_name: str, size: int) -> np.nd
 
 
 def bench_gradcam(data: BenchData, loaded, stock, s: Settings) -> tuple[Row, dict]:
-
     k = min(s.gradcam_n, len(data.ids))
     source = KaggleSource(data.kaggle, "train")
     layer = gradcam_layers(loaded)[0]
@@ -738,7 +729,6 @@ def bench_gradcam(data: BenchData, loaded, stock, s: Settings) -> tuple[Row, dic
 
 def _rss_child(run_dir: str, n: int, bs: int, q) -> None:
     import tracemalloc
-
 
     tune_allocator()  # as in the CLIs
     loaded = load_run(run_dir)

@@ -145,7 +145,6 @@ def write_csv(path, df, *, fsync: bool = True) -> None:
 
 
 def _json_default(o):
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -38,7 +38,6 @@ def run_cli(body: Callable[[], int | None], *, interrupted: str = "interrupted")
     a message on stderr and an exit code. Tunes the allocator first (model.core.runtime): every
     tool allocates large tensors."""
     tune_allocator()
-    quiet_known_warnings()
     try:
         return body() or 0
     except PcamLensError as e:

@@ -30,7 +30,6 @@ class PcamH5Source(PatchSource):
 
     def __init__(self, x_path: Path, y_path: Path | None, meta_path: Path | None, split: str,
                  ids_csv: Path | None = None):
-
         x_path = Path(x_path)
         try:
             with h5py.File(x_path, "r") as f:

@@ -563,7 +563,6 @@ def _bad_patch(source: PatchSource, i: int, e: Exception, data: str) -> DataErro
 
 
 def _read_chunk(source: PatchSource, start: int, stop: int, data: str) -> np.ndarray:
-
     s = source.size
     if not isinstance(source, FileSource):  # HDF5: one read per chunk, not one per row
         with contextlib.suppress(DataError, OSError):

@@ -147,7 +147,6 @@ def gradcam(loaded, x_uint8: np.ndarray, *, layer: str | None = None, target=Non
     `layer`: a name from gradcam_layers (default: its first). `target`: None = the predicted
     class of each patch, an int, or one class index per patch."""
 
-
     x = as_patch_array(x_uint8)
     n, patch = len(x), x.shape[1]
     cfg = loaded.input

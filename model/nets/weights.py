@@ -204,7 +204,6 @@ def _read_cached(path: Path, expect: dict[str, str]) -> tuple[dict, dict] | None
 
 def _write_cache(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
 
-
     try:
         data = save({k: v.contiguous() for k, v in state.items()}, metadata=meta)
         with atomic_open(path, "wb", fsync=False) as f:

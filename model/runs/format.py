@@ -65,7 +65,6 @@ def git_commit() -> str | None:
 def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
     """Write the model's state dict as safetensors, atomically."""
 
-
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
     write_bytes(path, save(state, metadata=meta))
@@ -117,12 +116,17 @@ def read_config(run_dir: Path) -> dict:
     return cfg
 
 
-def read_progress(run_dir: Path) -> dict:
-    p = Path(run_dir) / "progress.json"
+def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"status": "unknown"}
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_progress(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "progress.json") or {"status": "unknown"}
 
 
 def list_runs(root: Path) -> list[Path]:

@@ -51,7 +51,6 @@ def weights_path(run_dir: Path, checkpoint: str = "best") -> Path:
 
 
 def model_from_config(cfg: dict) -> nn.Module:
-
     m = cfg["model"]
     model, _ = build_model(m["arch"], len(m["classes"]), state=None,
                            head=HeadConfig(**m.get("head", {})))

@@ -4,24 +4,19 @@
   raises: a broken run is a summary with `error` set);
 - `same_source(a, b)` / `belongs_to(run_config, source)`: the one definition of "this is the
   data the run was trained on", so that its split and its evaluations apply to it;
-- `validation_table(run_dir)`: the run's validation predictions as a prediction table;
 - `find_evaluation(run_dir, data, source, checkpoint_mtime)`: model.evaluate's files for this
   source and checkpoint, when they are still valid;
 - `training_augmentation(cfg)`: the augmentation the run trained with.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from model.core.errors import PcamLensError
 from model.data.base import PatchSource
-from model.evaluation.metrics import complete_prediction_table
 from model.nets.transforms import AugmentConfig
-from model.runs.format import default_out_dir, read_config, read_progress
+from model.runs.format import default_out_dir, read_config, read_json, read_progress
 from model.training.config import TrainConfig
 
 
@@ -54,15 +49,6 @@ class RunSummary:
         auc = f" · AUC {self.auc:.3f}" if isinstance(self.auc, (int, float)) else ""
         status = self.status + (f" {self.epochs_text}" if self.status == "running" else "")
         return f"{self.name} · {status}{auc}" + (" · SYNTHETIC" if self.synthetic else "")
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON object from `path`, or None when it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -116,20 +102,6 @@ def belongs_to(run_config: dict, source: PatchSource) -> bool:
 
 
 # --------------------------------------------------------------------------- predictions
-
-
-def validation_table(run_dir: Path) -> pd.DataFrame | None:
-    """The run's valid_predictions.csv as a prediction table (id, label, prob, loss, pred,
-    correct, split='valid'), or None when the run has none yet."""
-    try:
-        df = pd.read_csv(Path(run_dir) / "valid_predictions.csv", dtype={"id": str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return None
-    if not {"id", "prob"} <= set(df.columns):
-        return None
-    out = complete_prediction_table(df)
-    out["split"] = "valid"
-    return out
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,6 @@ class RunRecorder(Callback):
             return  # an epoch skipped on resume, or cancelled
         from sklearn.metrics import roc_auc_score  # seconds to import: only when scoring
 
-
         g = self.offset + self.epoch
         dist = self.dist
         main = dist is None or dist.is_main
@@ -154,7 +153,6 @@ class RunRecorder(Callback):
             if prev is not None:
                 lr_rows = pd.concat([prev[prev.epoch < g], lr_rows])
             write_csv(lr_path, lr_rows, fsync=False)
-
 
         model = unwrap(self.model)
         if main:
@@ -186,7 +184,6 @@ def _mean_over_ranks(dist, value):
 def save_resume_checkpoint(learn, state: dict, path: Path) -> None:
     """Weights + optimizer moments + progress in one safetensors file, written atomically, so
     the resume point is always self-consistent (never weights of epoch k with state of k-1)."""
-
 
     tensors = {f"model/{k}": v.detach().cpu().contiguous()
                for k, v in unwrap(learn.model).state_dict().items()}

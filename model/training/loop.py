@@ -62,10 +62,10 @@ def resume(run_dir: str | os.PathLike, log=print) -> Path:
     """Continue an interrupted run from its last completed epoch, with everything taken from
     its directory (config.json, split, resume.safetensors)."""
     run_dir = Path(run_dir)
-    device = TrainConfig.from_run_config(read_resumable_config(run_dir)).runtime.device
-    dist = distributed.init(device)
+    cfg = read_resumable_config(run_dir)
+    dist = distributed.init(TrainConfig.from_run_config(cfg).runtime.device)
     try:
-        return _resume(run_dir, dist.quiet(log), dist)
+        return _resume(run_dir, cfg, dist.quiet(log), dist)
     finally:
         distributed.shutdown(dist)
 
@@ -109,9 +109,9 @@ def _train_new(config: TrainConfig, log, dist: Dist, command: str | None) -> Pat
     return _finish_ranks(p, state, dist, log)
 
 
-def _resume(run_dir: Path, log, dist: Dist) -> Path:
+def _resume(run_dir: Path, cfg: dict, log, dist: Dist) -> Path:
     _share_cores(dist)
-    p = prepare_resume(run_dir)
+    p = prepare_resume(run_dir, cfg)
     stale = clean_stale_temps(p.run_dir) if dist.is_main else []  # of a killed write
     if stale:
         log(f"Removed {len(stale)} temporary file(s) of an interrupted write: "

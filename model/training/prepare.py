@@ -133,9 +133,10 @@ def read_resumable_config(run_dir: Path) -> dict:
     return cfg
 
 
-def prepare_resume(run_dir: Path) -> Prepared:
-    """The run's own split, labels and configuration, read back from its directory."""
-    cfg = read_resumable_config(run_dir)
+def prepare_resume(run_dir: Path, cfg: dict | None = None) -> Prepared:
+    """The run's own split, labels and configuration, read back from its directory (`cfg`:
+    its config.json when the caller has read it already)."""
+    cfg = cfg if cfg is not None else read_resumable_config(run_dir)
     config = TrainConfig.from_run_config(cfg)
     source = reopen_source(cfg["data"])
 

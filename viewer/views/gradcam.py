@@ -67,7 +67,6 @@ def render(c) -> None:
 
 
 def _gallery_rows(c, which: str):
-
     pset = preds.best_predictions(c)
     if pset is None or pset.df["label"].isna().all():
         st.info("Galleries need labelled predictions: the run's validation predictions, or "

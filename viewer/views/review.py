@@ -36,7 +36,6 @@ def _decide(log_path: str, reviewer: str, run: str, pid: str, action: str, old: 
 
 
 def render(c) -> None:
-
     if not ui.need_run(c, "Review"):
         return
     st.caption("Keyboard: **A** confirm · **L** relabel · **F** flag · **S** skip (while the "

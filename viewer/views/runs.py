@@ -97,7 +97,6 @@ def _one(run_dir: Path) -> None:
 
 
 def _compare(dirs: list[Path]) -> None:
-
     curves, rows = {}, []
     for d in dirs:
         df = state.run_csv(d, "valid_predictions.csv")
