@@ -94,3 +94,54 @@ def make_split(source: PatchSource, valid_pct: float = 0.2, seed: int = 0,
 def read_valid_ids(path: Path) -> list[str]:
     ids, _ = read_labels_csv(Path(path))
     return ids
+
+
+def check_folds(labels: np.ndarray, k: int, groups: np.ndarray | None = None) -> None:
+    """DataError unless `k` folds can each hold out patches of every class (and, grouped,
+    whole slides): K >= 2, at least K patches of each class, at least K slides."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 2:
+        raise DataError(f"Cross-validation needs at least 2 folds; got --folds {k!r}.",
+                        fix="Use --folds 5 (the default) or another whole number >= 2.")
+    n = len(labels)
+    if n < 2 * k:
+        raise DataError(f"{n} labelled patches are too few for {k} folds (each fold needs "
+                        "patches to train on and to hold out).",
+                        fix=f"Use fewer folds (--folds {max(2, n // 2)}) or more data.")
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) < 2:
+        raise DataError(f"All {n} labelled patches have label {values[0]}; out-of-fold "
+                        "predictions need both classes.", fix="Use data with both classes.")
+    small = [(int(v), int(c)) for v, c in zip(values, counts) if c < k]
+    if small:
+        v, c = small[0]
+        raise DataError(f"Class {v} has only {c} patches, fewer than the {k} folds: some fold "
+                        "would hold out none of them.",
+                        fix=f"Use --folds {max(2, c)} or fewer, or add patches of class {v}.")
+    if groups is not None:
+        n_groups = len(np.unique(groups))
+        if n_groups < k:
+            raise DataError(f"The data has {n_groups} slides, fewer than the {k} folds (folds "
+                            "are grouped by slide: a slide is never on both sides).",
+                            fix=f"Use --folds {max(2, n_groups)} or fewer.")
+
+
+def fold_assignment(labels: np.ndarray, k: int, seed: int = 0,
+                    groups: np.ndarray | None = None) -> np.ndarray:
+    """The held-out fold (0..k-1) of every patch: stratified by label, and grouped by slide
+    when `groups` is given (all patches of a slide share a fold: StratifiedGroupKFold)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # slow import
+
+    check_folds(labels, k, groups)
+    fold = np.full(len(labels), -1, np.int64)
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(labels)), labels, groups)
+    else:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = splitter.split(np.zeros(len(labels)), labels)
+    for f, (_, held) in enumerate(parts):
+        fold[held] = f
+    if (fold < 0).any() or len(np.unique(fold)) != k:
+        raise DataError(f"Could not make {k} non-empty folds of these patches.",
+                        fix="Use fewer folds.")
+    return fold

@@ -27,7 +27,9 @@ from model.core.atomic import write_csv, write_json
 from model.core.errors import DataError, RunError
 from model.data.open import open_source, reopen_source
 from model.evaluation import metrics as M
+from model.evaluation.ensemble import Ensemble, load_ensemble, predict_ensemble
 from model.evaluation.inference import check_tta, predict_probs
+from model.runs.crossval import is_crossval
 from model.runs.format import default_out_dir
 from model.runs.load import load_run
 from model.runs.summary import belongs_to
@@ -71,12 +73,14 @@ def _validation_rows(loaded, run_dir: Path):
     return source, indices, labels.astype(np.int64)
 
 
-def _training_overlap(run_dir: Path, source, ids: list[str], run_config: dict) -> int:
-    """How many evaluated ids were training patches of the run (same data source only)."""
+def _training_overlap(loaded, run_dir: Path, source, ids: list[str], run_config: dict) -> int:
+    """How many evaluated ids were training patches of the run (of any fold model of an
+    ensemble; same data source only)."""
     if not belongs_to(run_config, source):
         return 0
     try:
-        train_ids = set(pd.read_csv(run_dir / "train_ids.csv", dtype={"id": str})["id"])
+        train_ids = (loaded.train_ids() if isinstance(loaded, Ensemble) else
+                     set(pd.read_csv(run_dir / "train_ids.csv", dtype={"id": str})["id"]))
     except (OSError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError):
         return 0
     return sum(1 for i in ids if i in train_ids)
@@ -98,6 +102,12 @@ def _rows(loaded, run_dir: Path, data) -> _Rows:
     """data=None: the run's validation split (valid_ids.csv); else every patch of a labelled
     source."""
     if data is None:
+        if isinstance(loaded, Ensemble):
+            raise DataError(f"{run_dir} is a cross-validation: its fold models have no common "
+                            "validation split (its out-of-fold predictions are in "
+                            "oof_predictions.csv).",
+                            fix=f"Evaluate the ensemble on held-out data: --data PATH, or "
+                                f"one fold: python -m model.evaluate {run_dir}/fold-0")
         source, indices, labels = _validation_rows(loaded, run_dir)
         ids = [source.ids[i] for i in indices]
         desc = {**source.describe(), "subset": "valid_ids.csv", "source_n": len(source),
@@ -130,13 +140,34 @@ def _metrics(loaded, run_dir: Path, rows: _Rows, probs: np.ndarray, *, threshold
         "synthetic": bool(source.synthetic or loaded.synthetic),
         "synthetic_data": bool(source.synthetic),
         "trained_on_synthetic": bool(loaded.synthetic),
-        "n_training_overlap": _training_overlap(run_dir, source, rows.ids, loaded.config),
+        "n_training_overlap": _training_overlap(loaded, run_dir, source, rows.ids,
+                                                loaded.config),
         "inference_seconds": round(seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if source.notes:
         metrics["data_notes"] = list(source.notes)
     return metrics
+
+
+def load_model(run_dir: Path, checkpoint: str = "best"):
+    """A run's model, or the ensemble of a cross-validation directory's fold models."""
+    return load_ensemble(run_dir, checkpoint) if is_crossval(run_dir) else load_run(
+        run_dir, checkpoint)
+
+
+def _with_members(df: pd.DataFrame, labels: np.ndarray, members: np.ndarray
+                  ) -> tuple[pd.DataFrame, dict]:
+    """The prediction table with the fold models' probabilities and their spread, and the
+    ensemble facts for metrics.json (each member's AUC on the same patches)."""
+    df = df.copy()
+    for k in range(members.shape[1]):
+        df[f"p_fold{k}"] = members[:, k]
+    df["fold_std"] = members.std(axis=1)
+    aucs = [float(M.roc_auc(labels, members[:, k])) for k in range(members.shape[1])]
+    return df, {"members": int(members.shape[1]), "member_auc": aucs,
+                "mean_member_auc": float(np.mean(aucs)), "mean_fold_std":
+                float(df["fold_std"].mean())}
 
 
 def _write_outputs(out_dir: Path, df: pd.DataFrame, labels: np.ndarray, probs: np.ndarray,
@@ -166,16 +197,23 @@ def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
     if not 0.0 <= float(threshold) <= 1.0:
         raise DataError(f"threshold must be in [0, 1]; got {threshold}.")
     run_dir = Path(run_dir)
-    loaded = load_run(run_dir, checkpoint)
+    loaded = load_model(run_dir, checkpoint)
     rows = _rows(loaded, run_dir, data)
     out_dir = Path(out) if out is not None else default_out_dir(run_dir, data)
     t0 = time.time()
-    probs = predict_probs(loaded, rows.source, tta=tta, indices=rows.indices, progress=progress,
-                          batch_size=batch_size, precision=precision, compile=compile)
+    kw = dict(tta=tta, indices=rows.indices, progress=progress, batch_size=batch_size,
+              precision=precision, compile=compile)
+    members = None
+    if isinstance(loaded, Ensemble):
+        probs, members = predict_ensemble(loaded, rows.source, **kw)
+    else:
+        probs = predict_probs(loaded, rows.source, **kw)
     seconds = time.time() - t0
     df = M.prediction_table(rows.ids, rows.labels, probs, threshold)
     metrics = _metrics(loaded, run_dir, rows, probs, threshold=threshold, n_boot=n_boot,
                        target_sensitivity=target_sensitivity, tta=tta, seconds=seconds)
+    if members is not None:
+        df, metrics["ensemble"] = _with_members(df, rows.labels, members)
     _write_outputs(out_dir, df, rows.labels, probs, metrics, threshold)
     return EvalResult(out_dir=out_dir, metrics=metrics, predictions=df)
 

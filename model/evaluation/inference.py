@@ -134,18 +134,24 @@ class _Progress:
             self.bar.close()
 
 
-def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: torch.device,
-                    amp: torch.dtype | None) -> torch.Tensor:
-    """float32 [B] P(class 1) of one uint8 [B,H,W,3] batch, averaged over `views` TTA views."""
+def _view_probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int,
+                         device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """float32 [B, views] P(class 1) of one uint8 [B,H,W,3] batch, one column per TTA view."""
     x = prepare(x_uint8.to(device, non_blocking=True), loaded.input)
-    acc = None
+    cols = []
     for k in range(views):
         xv = x if k == 0 else dihedral(x, k).contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(xv)
-        p = torch.softmax(logits.float(), dim=1)[:, 1]
-        acc = p if acc is None else acc + p
-    return acc / views if views > 1 else acc
+        cols.append(torch.softmax(logits.float(), dim=1)[:, 1])
+    return torch.stack(cols, dim=1)
+
+
+def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: torch.device,
+                    amp: torch.dtype | None) -> torch.Tensor:
+    """float32 [B] P(class 1) of one uint8 [B,H,W,3] batch, averaged over `views` TTA views."""
+    p = _view_probs_of_batch(model, x_uint8, loaded, views, device, amp)
+    return p.mean(dim=1) if views > 1 else p[:, 0]
 
 
 class _Compiled:
@@ -191,19 +197,21 @@ def _guarded(batches: Iterable) -> Iterator:
 
 def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: int,
          progress: Progress, precision: str, device, desc: str,
-         compile: bool = False) -> np.ndarray:
+         compile: bool = False, per_view: bool = False) -> np.ndarray:
+    """[n] mean probabilities, or [n, tta] one column per view with `per_view`."""
     views = check_tta(tta)
     model, device = _model_on(loaded, device)
     if compile:
         model = _Compiled(model)
     amp = resolve_amp(precision, device)
     _set_threads(device)
-    out = np.empty(n, np.float64)
+    out = np.empty((n, views) if per_view else n, np.float64)
     bar = _Progress(progress, n, desc)
+    step = _view_probs_of_batch if per_view else _probs_of_batch
     try:
         with torch.inference_mode():
             for start, x in _guarded(batches):
-                p = _probs_of_batch(model, x, loaded, views, device, amp)
+                p = step(model, x, loaded, views, device, amp)
                 out[start:start + len(p)] = p.double().cpu().numpy()
                 bar.update(len(p))
     finally:
@@ -216,8 +224,10 @@ def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: in
 
 def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                   indices=None, progress: Progress = True, precision: str = "auto",
-                  device=None, compile: bool = False) -> np.ndarray:
+                  device=None, compile: bool = False, per_view: bool = False) -> np.ndarray:
     """float64 P(class index 1) for every patch of `source` (or for `indices`), in order.
+    With `per_view`: [n, tta], the probability of each dihedral view (their mean is the TTA
+    prediction, their spread a measure of uncertainty).
 
     `loaded`: a model.runs.load.LoadedRun. `tta`: 1..8 dihedral views averaged (softmax probs).
     `indices`: positions in the source (any order, repeats allowed); the result follows them.
@@ -242,14 +252,14 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
         src = source.subset(idx)
     n = len(src)
     if n == 0:
-        return np.empty(0, np.float64)
+        return np.empty((0, tta) if per_view else 0, np.float64)
     # A model on the CPU already keeps every core busy: read in this process between batches,
     # not in worker processes (model.data.iter_batches); one batch is not worth them either.
     on_cpu = (torch.device(device) if device is not None
               else _model_device(loaded.model)).type == "cpu"
     batches = iter_batches(src, batch_size, workers=0 if on_cpu or n <= batch_size else None)
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
-                device=device, compile=compile,
+                device=device, compile=compile, per_view=per_view,
                 desc=f"predicting {n} patches" + (f" (TTA x{tta})"
                                                                   if tta > 1 else ""))
 

@@ -12,8 +12,9 @@ import pandas as pd
 
 from model.core.errors import DataError
 from model.data.open import open_source
+from model.evaluation.ensemble import Ensemble, predict_ensemble
+from model.evaluation.evaluate import load_model
 from model.evaluation.inference import check_tta, predict_probs, shard_indices
-from model.runs.load import load_run
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -37,11 +38,15 @@ def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
     """(loaded run, source, DataFrame id,label[,index]) for the test split at `data`."""
 
     check_tta(tta)
-    loaded = load_run(run_dir, checkpoint)
+    loaded = load_model(run_dir, checkpoint)
     source = open_source(data, split="test", size=loaded.input.patch)
     indices = None if shard is None else shard_indices(len(source), *shard)
-    probs = predict_probs(loaded, source, tta=tta, batch_size=batch_size, indices=indices,
-                          progress=progress, precision=precision, compile=compile)
+    kw = dict(tta=tta, batch_size=batch_size, indices=indices, progress=progress,
+              precision=precision, compile=compile)
+    if isinstance(loaded, Ensemble):  # a cross-validation directory: its fold models' mean
+        probs, _ = predict_ensemble(loaded, source, **kw)
+    else:
+        probs = predict_probs(loaded, source, **kw)
     if indices is None:
         return loaded, source, _submission(source.ids, probs)
     df = _submission([source.ids[i] for i in indices], probs)

@@ -65,6 +65,9 @@ class SplitConfig:
 class ModelConfig:
     arch: str = DEFAULT_ARCH
     pretrained: str | None = "auto"  # auto | pip | hub; None trains from scratch
+    # safetensors with the whole network's starting weights (body and head), loaded over the
+    # pretrained ones: e.g. a cross-validation fold's head fitted on cached features
+    init_weights: str | None = None
 
 
 @dataclass

@@ -23,11 +23,13 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import RocAucBinary, accuracy
 
 from model.core.atomic import write_csv
+from model.core.errors import RunError
 from model.data.base import PatchSource
 from model.data.batches import PatchDataset, make_loader
 from model.nets.archs import HeadConfig, arch_family, build_model
 from model.nets.transforms import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 from model.nets.weights import load_pretrained_state
+from model.runs.format import read_safetensors
 from model.training.callbacks import (
     Autocast,
     BatchTransform,
@@ -78,11 +80,25 @@ def build_for_new_run(config: TrainConfig, train_src: PatchSource, log):
         state, info = load_pretrained_state(arch, wanted)
         log(f"Pretrained weights: {info['source']}")
     model, splitter = build_model(arch, len(train_src.classes), state=state, head=HeadConfig())
+    if config.model.init_weights:
+        load_init_weights(model, Path(config.model.init_weights))
+        log(f"Starting weights: {config.model.init_weights}")
     facts = {"model": {"arch": arch, "family": arch_family(arch),
                        "classes": list(train_src.classes), "head": HeadConfig().to_dict()},
              "pretrained": {"requested": wanted, "source": info["source"] if info else None},
              "input": resolve_input(config, train_src, info).to_dict()}
     return model, splitter, facts
+
+
+def load_init_weights(model, path: Path) -> None:
+    """Load a whole network's starting weights (ModelConfig.init_weights) into `model`."""
+    state, _ = read_safetensors(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        raise RunError(f"Starting weights {path} do not fit {type(model).__name__} of this "
+                       f"architecture ({str(e).splitlines()[0]}).", path=path,
+                       fix="Pass weights saved from a network of the same --arch.") from None
 
 
 class EpochLines:

@@ -58,6 +58,17 @@ def train(config: TrainConfig, log=print, *, command: str | None = None) -> Path
         distributed.shutdown(dist)
 
 
+def train_prepared(p: Prepared, log=print, *, command: str | None = None) -> Path:
+    """Train a new run on data already prepared and split (model.training.prepare): what
+    cross-validation does for each fold, so the data is opened and checked once."""
+    dist = distributed.init(resolve_device(p.config.runtime.device))
+    try:
+        _share_cores(dist)
+        return _train_from(p, dist.quiet(log), dist, command)
+    finally:
+        distributed.shutdown(dist)
+
+
 def resume(run_dir: str | os.PathLike, log=print) -> Path:
     """Continue an interrupted run from its last completed epoch, with everything taken from
     its directory (config.json, split, resume.safetensors)."""
@@ -77,7 +88,10 @@ def _share_cores(dist: Dist) -> None:
 
 def _train_new(config: TrainConfig, log, dist: Dist, command: str | None) -> Path:
     _share_cores(dist)
-    p = prepare_new(config, log)
+    return _train_from(prepare_new(config, log), log, dist, command)
+
+
+def _train_from(p: Prepared, log, dist: Dist, command: str | None) -> Path:
     p.run_dir = dist.broadcast(p.run_dir)  # the default name holds a time stamp
     if p.run_dir.exists() and (p.run_dir / "config.json").exists():
         raise RunError(f"{p.run_dir} already holds a run.", path=p.run_dir,

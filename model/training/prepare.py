@@ -14,7 +14,7 @@ from model.core.errors import DataError, RunError
 from model.data.base import PatchSource
 from model.data.inspect import InspectReport, filter_source, format_table, inspect_source
 from model.data.open import open_source, reopen_source
-from model.data.splits import make_split, stratified_split
+from model.data.splits import Split, make_split, stratified_split
 from model.review.log import ReviewLog, default_log_path
 from model.runs.format import default_runs_root, read_config
 from model.training.config import TrainConfig
@@ -86,8 +86,18 @@ def open_training_source(config: TrainConfig) -> PatchSource:
     return source
 
 
-def prepare_new(config: TrainConfig, log) -> Prepared:
-    """Open, check, relabel and split the data of a new run; resolve the config for it."""
+@dataclass
+class PreparedData:
+    """The labelled patches of a new run before they are split: opened, subsampled, checked
+    and relabelled from the review log as the config says. `config` is resolved for them."""
+
+    source: PatchSource
+    config: TrainConfig
+    data_facts: dict  # config.json's "data" section
+
+
+def prepare_data(config: TrainConfig, log) -> PreparedData:
+    """Open, subsample, check and relabel the data of a new run (nothing is written)."""
     source = open_training_source(config)
     config = config.resolve(source.synthetic)
     data_desc = source.describe()
@@ -105,17 +115,34 @@ def prepare_new(config: TrainConfig, log) -> Prepared:
     review = None
     if config.data.labels_from_review:
         source, review = apply_review(source, config.data.labels_from_review, log)
-    valid_ids = None if config.split.valid_ids is None else Path(config.split.valid_ids)
-    split = make_split(source, config.split.valid_pct, config.runtime.seed, valid_ids,
-                       config.split.method)
+    facts = {**data_desc, "max_items": config.data.max_items, "review": review,
+             "checks": checks, "train_ids_file": "train_ids.csv"}
+    return PreparedData(source, config, facts)
+
+
+def prepare_split(data: PreparedData, split: Split, run_dir: Path | None = None,
+                  config: TrainConfig | None = None) -> Prepared:
+    """A run's Prepared from prepared data and a split of it (`config`: the run's own, when
+    it differs from the data's, e.g. a cross-validation fold's)."""
+    config = config or data.config
+    source = data.source
     train_src, valid_src = source.subset(split.train_idx), source.subset(split.valid_idx)
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config.model.arch,
-                                                                          source)
-    facts = {"data": {**data_desc, "max_items": config.data.max_items, "review": review,
-                      "checks": checks, "train_ids_file": "train_ids.csv"},
-             "split": split.describe()}
+    if run_dir is None:
+        run_dir = (Path(config.run_dir) if config.run_dir
+                   else default_run_dir(config.model.arch, source))
+    facts = {"data": dict(data.data_facts), "split": split.describe()}
     return Prepared(run_dir, config, facts, train_src, valid_src, train_src.labels,
                     valid_src.labels)
+
+
+def prepare_new(config: TrainConfig, log) -> Prepared:
+    """Open, check, relabel and split the data of a new run; resolve the config for it."""
+    data = prepare_data(config, log)
+    config = data.config
+    valid_ids = None if config.split.valid_ids is None else Path(config.split.valid_ids)
+    split = make_split(data.source, config.split.valid_pct, config.runtime.seed, valid_ids,
+                       config.split.method)
+    return prepare_split(data, split)
 
 
 def default_run_dir(arch: str, source: PatchSource) -> Path:
