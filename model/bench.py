@@ -5,19 +5,25 @@
     python -m model.bench --device cuda --train-archs resnet18,resnet50,densenet169 \
         --synthetic-n 220025 --compile             # GPU training throughput on a full-size set
     python -m model.bench --quick                  # tiny, seconds (the tests)
+    python -m model.bench --label-noise 0.1 --data ../shared/data/pcam-sample --out runs/ln
+                                                   # the review-loop experiment (minutes)
 
-What each row measures, and how: model/benchmarks/suite.py.
+What each row measures, and how: model/benchmarks/suite.py; the label-noise experiment:
+model/benchmarks/label_noise.py.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from model.benchmarks.label_noise import NoiseConfig, run_label_noise
 from model.benchmarks.suite import FULL_KAGGLE_N, Settings, default_data, format_report, run_bench
 from model.core.atomic import write_json
 from model.core.cli import run_cli
 from model.core.errors import DataError
 from model.nets.archs import DEFAULT_ARCH
+from model.oof.crossval import CVConfig
+from model.training.config import ModelConfig, RuntimeConfig, TrainConfig
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,7 +63,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, metavar="N1,N2",
                    help="also measure peak RSS of predict_probs over these numbers of "
                         "synthetic patches (each in a fresh process)")
+    n = p.add_argument_group("label-noise experiment (instead of the speed rows)")
+    n.add_argument("--label-noise", type=float, metavar="RATE",
+                   help="flip this fraction of the labels and measure the review loop")
+    n.add_argument("--out", default="runs/label-noise", help="its output folder")
+    n.add_argument("--folds", type=int, default=5)
+    n.add_argument("--finetune-epochs", type=int, default=0)
+    n.add_argument("--seed", type=int, default=0)
     return p
+
+
+def noise_config(args) -> NoiseConfig:
+    train = TrainConfig(model=ModelConfig(arch=args.arch),
+                        runtime=RuntimeConfig(seed=args.seed, device=args.device))
+    return NoiseConfig(data=args.data or default_data(), rate=args.label_noise, out=args.out,
+                       seed=args.seed, cv=CVConfig(train=train, folds=args.folds,
+                                                   finetune_epochs=args.finetune_epochs))
 
 
 def settings_from_args(args) -> Settings:
@@ -100,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body():
+        if args.label_noise is not None:
+            run_label_noise(noise_config(args))
+            return
         s = settings_from_args(args)
         result, rows = run_bench(s, _sizes(args.memory) if args.memory else None)
         print(format_report(result, rows))

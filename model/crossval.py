@@ -53,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--arch", default=DEFAULT_ARCH)
     m.add_argument("--pretrained", choices=["auto", "pip", "hub"], default="auto")
+    m.add_argument("--no-pretrained", action="store_true",
+                   help="a randomly initialised body (only for tests: its features are noise)")
     m.add_argument("--crop", type=int, help="centre crop (default 96: the whole patch)")
     m.add_argument("--size", type=int, help="network input side (default: the crop)")
     m.add_argument("--norm", choices=["weights", "imagenet", "dataset"], default="weights")
@@ -87,7 +89,8 @@ def config_from_args(args) -> CVConfig:
                         checks=not args.no_checks, drop_bad=args.drop_bad,
                         labels_from_review=args.labels_from_review),
         split=SplitConfig(method=args.split),
-        model=ModelConfig(arch=args.arch, pretrained=args.pretrained),
+        model=ModelConfig(arch=args.arch,
+                          pretrained=None if args.no_pretrained else args.pretrained),
         input=InputChoice(crop=args.crop, size=args.size, norm=args.norm),
         schedule=ScheduleConfig(preset=args.preset, lr=args.lr, lr_find=False),
         optim=OptimConfig(bs=args.bs),

@@ -78,6 +78,7 @@ def _source(c: state.Context, ss) -> None:
 def _run(c: state.Context, ss) -> None:
     st.subheader("Model")
     root = state.runs_root({"runs_root": ss["sb_runs_root"]})
+    c.runs_root = root
     c.runs = [summarize_run(p) for p in _list_runs(root)]
     names = [r.name for r in c.runs]
     labels = {r.name: r.label for r in c.runs}

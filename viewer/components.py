@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from model.data.base import centre_box
+from model.nets.transforms import dihedral_views
 
 TUMOUR_RGB = (230, 40, 40)  # box colour of label 1
 NORMAL_RGB = (30, 190, 70)  # box colour of label 0
@@ -223,3 +224,31 @@ def line_figure(df: pd.DataFrame, x: str, ys: list[str], title: str, log_x: bool
     if x == "epoch":
         fig.update_xaxes(dtick=1)
     return fig_layout(fig, title, 300)
+
+
+def queue_reason(row, rgb: np.ndarray) -> None:
+    """Why an out-of-fold patch is in the review queue: cleanlab's label quality and
+    suggestion, the fold that predicted it, and its 8 TTA views with their probabilities."""
+    if "label_quality" not in row or pd.isna(row["label_quality"]):
+        return
+    flagged = bool(row["label_issue"])
+    label = int(row["label"])
+    suggested = int(row["suggested_label"])
+    verdict = (f":red[**likely mislabelled**] (confident learning flags it; suggested "
+               f"label: **{label_text(suggested)}**)" if flagged else
+               "not flagged by confident learning")
+    st.markdown(f"**Why it is here:** {verdict}  \n"
+                f"Label quality **{row['label_quality']:.3f}** (cleanlab self-confidence: the "
+                f"out-of-fold probability of the given label, {label_text(label)}; low = "
+                f"suspicious) · rank {int(row['issue_rank']):,} · predicted by fold "
+                f"{int(row['fold'])}'s model, which never saw this patch")
+    cols = sorted((c for c in row.index if str(c).startswith("p_view")),
+                  key=lambda c: int(str(c)[len("p_view"):]))
+    if not cols:
+        return
+    probs = [float(row[c]) for c in cols]
+    st.markdown(f"**TTA views** (spread {row['tta_spread']:.3f}: the standard deviation of "
+                "these 8 probabilities; wide = the model is unsure)")
+    views = dihedral_views(rgb, len(cols))
+    st.image([patch_image(v, label, 96) for v in views], width=72,
+             caption=[f"p={p:.2f}" for p in probs])

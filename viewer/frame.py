@@ -43,16 +43,28 @@ def predictions_picker(c: state.Context, key: str, need_labels: bool = True
     """Let the user pick the run's validation predictions or whole-source predictions of the
     chosen source (computed on demand with a progress bar). None when there are none yet."""
     options = ["validation", "source"]
+    cv = preds.crossval_for(c)
     names = {"validation": f"Validation split of run {c.run_name}",
-             "source": "All patches of the chosen data source"}
+             "source": "All patches of the chosen data source",
+             "oof": f"Out-of-fold, all labelled patches ({cv.name})" if cv else ""}
     if c.source is None:
         options = ["validation"]
     if need_labels and c.source is not None and not c.source.labelled:
         options = ["validation"]
         st.caption("The chosen source has no labels, so only the run's validation split can "
                    "be scored here (predict unlabelled data on the Inference page).")
+    if c.run_dir is None:
+        options = []
+    if cv is not None:
+        options = ["oof", *options]
+    if not options:
+        st.info("Select a run, or run a cross-validation on this data "
+                "(python -m model.crossval --data DATA).")
+        return None
     which = st.segmented_control("Predictions", options, format_func=names.get,
                                  default=options[0], key=f"{key}-which") or options[0]
+    if which == "oof":
+        return preds.oof_predictions(c)
     if which == "validation":
         p = preds.validation_predictions(c)
         if p is None:

@@ -24,13 +24,24 @@ from model.evaluation.inference import predict_arrays, predict_probs
 from model.evaluation.metrics import complete_prediction_table, prediction_table
 from model.nets.gradcam import gradcam, gradcam_layers
 from model.nets.gradcam import overlay as gradcam_overlay
+from model.runs.crossval import CrossVal, find_crossvals, read_oof, view_columns
 from model.runs.format import read_config
 from model.runs.summary import belongs_to, find_evaluation
-from viewer.state import Context, RunKey, SourceKey, loaded, open_source_cached, run_csv
+from viewer.state import (
+    Context,
+    RunKey,
+    SourceKey,
+    loaded,
+    open_source_cached,
+    run_csv,
+    runs_root,
+)
 
 MODEL_LOCK = threading.RLock()
 _MEMO_LOCK = threading.Lock()
-
+# what out-of-fold predictions add to a patch's row (model.runs.crossval)
+OOF_EXTRA = ("fold", "tta_spread", "label_quality", "suggested_label", "label_issue",
+             "issue_rank")
 
 
 @dataclass
@@ -45,6 +56,8 @@ class Predictions:
     whole_source: bool
     token: tuple = ()
     warning: str | None = None
+    out_of_fold: bool = False  # every prob comes from a model that never trained on the patch
+    origin_run: str = ""  # the run or cross-validation the predictions are from
 
 
 @st.cache_resource(show_spinner=False)
@@ -175,8 +188,35 @@ def compute_source_predictions(c: Context, progress=None) -> Predictions:
     return source_predictions(c)
 
 
+def crossval_for(c: Context) -> CrossVal | None:
+    """The newest complete cross-validation under the runs folder made on the sidebar's
+    labelled source (its out-of-fold predictions cover every labelled patch)."""
+    if c.source is None or c.src_key is None or not c.source.labelled:
+        return None
+    found = find_crossvals(c.runs_root or runs_root(c.settings), c.source)
+    return found[0] if found else None
+
+
+def oof_predictions(c: Context) -> Predictions | None:
+    """The out-of-fold predictions of the chosen source (model.crossval), when there are."""
+    cv = crossval_for(c)
+    if cv is None:
+        return None
+    token = ("oof", str(cv.dir), cv.oof_path.stat().st_mtime, c.src_key)
+    df = _memo(token, lambda: _finish(read_oof(cv, c.source), c.source))
+    return Predictions(df, f"out-of-fold predictions of all {len(df):,} labelled patches "
+                           f"(cross-validation {cv.name}: {cv.k} folds, each patch predicted "
+                           f"by the model that did not train on it, TTA ×"
+                           f"{cv.metrics.get('views', 8)})", c.source, True, token,
+                       out_of_fold=True, origin_run=cv.name)
+
+
 def best_predictions(c: Context) -> Predictions | None:
-    """Whole-source predictions when computed, else the run's validation predictions."""
+    """Out-of-fold predictions of the source when a cross-validation made them, else
+    whole-source predictions of the run when computed, else its validation predictions."""
+    oof = oof_predictions(c)
+    if oof is not None:
+        return oof
     if c.run_dir is None or c.run_key is None:
         return None
     return source_predictions(c) or validation_predictions(c)
@@ -206,8 +246,9 @@ def patch_table(c: Context) -> tuple[pd.DataFrame, Predictions | None]:
         t["label"] = src.labels if src.labels is not None else np.nan
         if usable:
             p = preds.df[preds.df["idx"] >= 0].set_index("idx")
-            for col in ("prob", "loss", "pred", "correct"):
-                t[col] = p[col].reindex(t.index)
+            for col in ("prob", "loss", "pred", "correct", *OOF_EXTRA, *view_columns(p)):
+                if col in p.columns:
+                    t[col] = p[col].reindex(t.index)
         else:
             for col in ("prob", "loss", "pred", "correct"):
                 t[col] = np.nan

@@ -190,6 +190,7 @@ class Context:
     run_key: RunKey | None = None
     run_error: str | None = None
     runs: list[RunSummary] = field(default_factory=list)
+    runs_root: Path | None = None  # where runs and cross-validations are looked for
     reviewer: str = ""
 
     @property

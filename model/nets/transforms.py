@@ -115,6 +115,16 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+def dihedral_views(rgb: np.ndarray, views: int = 8) -> list[np.ndarray]:
+    """The first `views` dihedral views of one HWC patch, in the order of `dihedral` (what the
+    TTA views of model.evaluation.inference see), for showing them."""
+    out = []
+    for k in range(views):
+        v = rgb[:, ::-1] if k >= 4 else rgb
+        out.append(np.ascontiguousarray(np.rot90(v, k % 4, axes=(0, 1))))
+    return out
+
+
 def _batch_dihedral(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     for k in range(8):

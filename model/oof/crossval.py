@@ -1,7 +1,8 @@
 """K-fold cross-validation: an out-of-fold probability for every labelled patch.
 
     from model.oof.crossval import CVConfig, run_crossval, resume_crossval
-    cv_dir = run_crossval(CVConfig(train=TrainConfig(data=DataConfig(spec="../shared/data/pcam-sample"))))
+    config = CVConfig(train=TrainConfig(data=DataConfig(spec="../shared/data/pcam-sample")))
+    cv_dir = run_crossval(config)
     resume_crossval(cv_dir)   # after a kill: finished folds are kept, the rest is redone
 
 The steps: prepare the data once (open, subsample, check, relabel from the review log:
@@ -231,7 +232,7 @@ def _run_folds(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarra
     parts = []
     for k in range(cfg.folds):
         t1 = time.time()
-        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, log, command))
+        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, model[0], log, command))
         seconds["folds"].append(round(time.time() - t1, 1))
     t2 = time.time()
     oof = _oof_table(src, folds, parts)
@@ -277,7 +278,9 @@ def _complete_fold(d: Path, want: TrainConfig) -> pd.DataFrame | None:
 
 
 def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k: int,
-          feats: np.ndarray, log, command: str | None) -> pd.DataFrame:
+          feats: np.ndarray, body, log, command: str | None) -> pd.DataFrame:
+    """Fold k: kept when complete, resumed when its fine-tuning was interrupted, else fitted
+    (its head on the features that `body` computed) and written as a run directory."""
     d = fold_dir(cv_dir, k)
     init = cv_dir / "init" / f"fold-{k}.safetensors" if cfg.finetune_epochs else None
     fcfg = fold_config(cfg, cv_dir, k, init)
@@ -295,6 +298,7 @@ def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k:
     torch.manual_seed(cfg.train.runtime.seed + k)
     model, _, facts = build_for_new_run(dataclasses.replace(fcfg, model=dataclasses.replace(
         fcfg.model, init_weights=None)), p.train_src, lambda *_: None)
+    model[0].load_state_dict(body.state_dict())  # the body the features came from
     p.facts.update(facts)
     p.facts["crossval"] = {"dir": cv_dir.name, "fold": k, "folds": cfg.folds,
                            "head": asdict(cfg.head), "finetune_epochs": cfg.finetune_epochs}

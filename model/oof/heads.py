@@ -86,7 +86,7 @@ def fit_head(head: nn.Module, feats: np.ndarray, labels: np.ndarray, train_rows:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
         row = {"epoch": epoch, "phase": "head", "train_loss": total / steps}
         if valid_rows is not None and len(valid_rows):
             p = view_probs(head, feats, valid_rows).mean(1)

@@ -56,7 +56,7 @@ SCHEMA_VERSION = 1
 LOG_NAME = "review_log.sqlite"
 ACTIONS = ("confirm", "relabel", "flag", "skip")
 FLAG_REASONS = ("artefact", "out_of_focus", "no_tissue", "other")
-QUEUE_ORDERS = ("top_losses", "uncertain", "false_negatives_first")
+QUEUE_ORDERS = ("top_losses", "uncertain", "false_negatives_first", "label_errors", "spread")
 
 BUSY_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 5  # each waits up to BUSY_TIMEOUT_S: a writer gives up after about 50 s
@@ -619,19 +619,28 @@ def review_queue(df: pd.DataFrame, order: str = "top_losses",
     - uncertain: prob closest to 0.5 first
     - false_negatives_first: tumours predicted negative (label 1, prob < 0.5) by loss,
       then everything else by loss
+    - label_errors: confident learning's ranking (cleanlab, out-of-fold predictions): the
+      patches it flags first, each group by label quality (lowest first), then by loss
+    - spread: the widest spread of the 8 TTA views' probabilities first (`tta_spread`), or
+      of the fold models' (`fold_std`) when there is no TTA spread
 
     Ties are broken by id, so the order does not depend on the row order of `df`; NaN
     losses/probabilities go last. The original index is kept."""
     if order not in QUEUE_ORDERS:
         raise ReviewError(f"Unknown review order {order!r}.",
                           fix=f"Use one of: {', '.join(QUEUE_ORDERS)}.")
+    spread_col = "tta_spread" if "tta_spread" in df.columns else "fold_std"
     need = {"top_losses": ["id", "loss"], "uncertain": ["id", "prob", "loss"],
-            "false_negatives_first": ["id", "label", "prob", "loss"]}[order]
+            "false_negatives_first": ["id", "label", "prob", "loss"],
+            "label_errors": ["id", "label_quality", "label_issue", "loss"],
+            "spread": ["id", spread_col, "loss"]}[order]
     missing = [c for c in need if c not in df.columns]
     if missing:
+        fix = ("Run python -m model.crossval on this data: its out-of-fold predictions carry "
+               "the label quality and the TTA spread." if order in ("label_errors", "spread")
+               else "Review the predictions of a run evaluated on labelled data.")
         raise ReviewError(f"The predictions table lacks column(s) {', '.join(missing)} "
-                          f"needed for the {order!r} review order.",
-                          fix="Review the predictions of a run evaluated on labelled data.")
+                          f"needed for the {order!r} review order.", fix=fix)
     reviewed = {str(r) for r in reviewed}
     ids = df["id"].astype(str)
     done_mask = ids.isin(reviewed)
@@ -646,10 +655,17 @@ def review_queue(df: pd.DataFrame, order: str = "top_losses",
         prob = pd.to_numeric(rest["prob"], errors="coerce").to_numpy()
         key["dist"] = np.abs(prob - 0.5)
         by = ["dist", "neg_loss", "id"]
-    else:
+    elif order == "false_negatives_first":
         prob = pd.to_numeric(rest["prob"], errors="coerce").to_numpy()
         label = pd.to_numeric(rest["label"], errors="coerce").to_numpy()
         key["not_fn"] = ~((label == 1) & (prob < 0.5))
         by = ["not_fn", "neg_loss", "id"]
+    elif order == "label_errors":
+        key["not_flagged"] = ~rest["label_issue"].astype(bool).to_numpy()
+        key["quality"] = pd.to_numeric(rest["label_quality"], errors="coerce").to_numpy()
+        by = ["not_flagged", "quality", "neg_loss", "id"]
+    else:
+        key["neg_spread"] = -pd.to_numeric(rest[spread_col], errors="coerce").to_numpy()
+        by = ["neg_spread", "neg_loss", "id"]
     positions = key.sort_values(by, kind="mergesort", na_position="last").index.to_numpy()
     return rest.iloc[positions], n_done, n_total

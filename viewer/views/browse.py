@@ -17,7 +17,10 @@ from viewer import frame, preds, state
 LABELS = {"tumour": 1, "no tumour": 0}
 SORTS = {"loss (highest first)": ("loss", False), "probability (highest first)": ("prob", False),
          "probability (lowest first)": ("prob", True), "id": ("id", True),
-         "source order": (None, True)}
+         "source order": (None, True),
+         # out-of-fold predictions only (model.crossval)
+         "label quality (lowest first)": ("label_quality", True),
+         "TTA spread (highest first)": ("tta_spread", False)}
 
 
 def _filters(c, t: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -36,8 +39,8 @@ def _filters(c, t: pd.DataFrame) -> tuple[pd.DataFrame, int]:
                                             "relabelled"], key="b_rev")
         out = b.selectbox("Outliers", ["all", "near-black", "near-white", "any outlier"],
                           key="b_out")
-        sort = d.selectbox("Sort by", list(SORTS), key="b_sort",
-                           index=0 if has_pred else 4)
+        sorts = [k for k, (col, _) in SORTS.items() if col is None or col in t.columns]
+        sort = d.selectbox("Sort by", sorts, key="b_sort", index=0 if has_pred else 4)
         size = e.selectbox("Per page", [24, 48, 96], index=1, key="b_size")
     log = state.review_log(c.source) if rev != "all" else None
     rep = _outlier_report(c) if out != "all" else None
@@ -151,7 +154,7 @@ def render(c) -> None:
 
 
 def _prediction_note(c, t, pset) -> None:
-    if c.run_key is None:
+    if c.run_key is None and not (pset is not None and pset.out_of_fold):
         st.caption("No run selected: probabilities are not shown.")
         return
     n = int(t["prob"].notna().sum())
@@ -162,7 +165,7 @@ def _prediction_note(c, t, pset) -> None:
     else:
         st.caption("No stored predictions for this source: switch on “Predict the shown "
                    "page”, or predict the whole source for filters and sorting on them.")
-    if not (pset is not None and pset.whole_source):
+    if not (pset is not None and pset.whole_source) and c.run_key is not None:
         label = f"Predict all {len(c.source):,} patches"
         if st.button(label, key="b_predict_all", icon=":material/play_arrow:",
                      help="Runs the model on every patch (slow for big sources on a CPU; "
@@ -191,6 +194,7 @@ def _detail(c, pid: str) -> None:
                 + (f" · loss {row['loss']:.3f}" if not pd.isna(row["loss"]) else ""))
     path = src.path_of(i)
     st.caption(f"Row {i} of {src.describe_short()}" + (f" · file {path}" if path else ""))
+    ui.queue_reason(row, x)
     mask = src.mask(i) if hasattr(src, "mask") else None
     a, b = st.columns(2)
     a.image(ui.patch_image(x, label, 384, mask=mask),

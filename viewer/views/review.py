@@ -11,8 +11,10 @@ from model.review.log import ReviewLog, review_queue
 from viewer import components as ui
 from viewer import frame, preds, state
 
-ORDERS = {"top_losses": "Top losses", "uncertain": "Most uncertain",
+ORDERS = {"label_errors": "Likely label errors", "spread": "Most uncertain (TTA spread)",
+          "top_losses": "Top losses", "uncertain": "Closest to 0.5",
           "false_negatives_first": "False negatives first"}
+OOF_ONLY = ("label_errors", "spread")  # need out-of-fold predictions (model.crossval)
 REASONS = {"artefact": "artefact", "out_of_focus": "out of focus", "no_tissue": "no tissue",
            "other": "other"}
 KEYS = {"confirm": "A", "relabel": "L", "flag": "F", "skip": "S"}
@@ -36,7 +38,7 @@ def _decide(log_path: str, reviewer: str, run: str, pid: str, action: str, old: 
 
 
 def render(c) -> None:
-    if not ui.need_run(c, "Review"):
+    if preds.crossval_for(c) is None and not ui.need_run(c, "Review"):
         return
     st.caption("Keyboard: **A** confirm · **L** relabel · **F** flag · **S** skip (while the "
                "focus is not in a text field); Tab and Enter also reach every button.")
@@ -51,30 +53,39 @@ def render(c) -> None:
         st.warning("The run's data cannot be opened here: choose it in the sidebar.")
         return
     log = state.review_log(pset.source)
-    order = st.segmented_control("Queue order", list(ORDERS), format_func=ORDERS.get,
-                                 default="top_losses", key="rv_order") or "top_losses"
+    orders = [o for o in ORDERS if pset.out_of_fold or o not in OOF_ONLY]
+    order = st.segmented_control("Queue order", orders, format_func=ORDERS.get,
+                                 default=orders[0], key="rv_order") or orders[0]
+    if order not in orders:
+        order = orders[0]
+    if not pset.out_of_fold:
+        st.caption("Likely label errors and TTA spread need out-of-fold predictions for every "
+                   "patch: run `python -m model.crossval --data DATA` (they then show here).")
     df = pset.df.dropna(subset=["label"])
-    queue, done, total = review_queue(df, order, log.reviewed_ids(run=c.run_name))
-    st.progress(done / max(total, 1), text=f"{done:,} of {total:,} reviewed for run "
-                                           f"{c.run_name} · {pset.origin}")
+    # out-of-fold: a decision on a patch counts whichever run it was made from
+    reviewer_run = pset.origin_run if pset.out_of_fold else c.run_name
+    queue, done, total = review_queue(
+        df, order, log.reviewed_ids(run=None if pset.out_of_fold else c.run_name))
+    st.progress(done / max(total, 1), text=f"{done:,} of {total:,} reviewed · {pset.origin}")
     for k, show in (("rv_saved", st.success), ("rv_error", st.error)):
         if k in st.session_state:
             show(st.session_state.pop(k))
     if queue.empty:
         st.success("Every patch of this queue has a decision.")
     else:
-        _item(c, pset, log, queue.iloc[0])
+        _item(c, pset, log, queue.iloc[0], reviewer_run)
     _export(log, pset)
 
 
-def _item(c, pset, log, row) -> None:
+def _item(c, pset, log, row, run_name: str) -> None:
     src = pset.source
     pid, old = str(row["id"]), int(row["label"])
     x = src.read(int(row["idx"]))
     st.subheader(f"Patch {pid}")
     left, right = st.columns([3, 2])
     with left:
-        show_cam = st.toggle("Grad-CAM", key="rv_cam")
+        show_cam = st.toggle("Grad-CAM", key="rv_cam", disabled=c.run_key is None,
+                             help=None if c.run_key else "Select a run for Grad-CAM.")
         if show_cam:
             layer = preds.gradcam_layer_names(c.run_key)[0]
             heat = (preds.gradcam_heat(c.run_key, c.src_key, pid, layer, None)
@@ -90,6 +101,8 @@ def _item(c, pset, log, row) -> None:
         pred = "tumour" if row["prob"] >= 0.5 else "no tumour"
         st.markdown(f"**Label:** {ui.label_text(old)}  \n**Model:** p(tumour) = "
                     f"{row['prob']:.3f} → {pred}  \n**Loss:** {row['loss']:.3f}")
+        if pset.out_of_fold:
+            ui.queue_reason(row, x)
         hist = log.history(pid)
         if not hist.empty:
             st.caption(f"Earlier decisions: {len(hist)} (last: {hist.iloc[-1]['action']} by "
@@ -97,7 +110,7 @@ def _item(c, pset, log, row) -> None:
         st.text_input("Note (optional)", key="rv_note")
         st.selectbox("Flag reason (used by Flag)", list(REASONS), format_func=REASONS.get,
                      key="rv_reason")
-        args = (str(log.path), c.reviewer, c.run_name, pid)
+        args = (str(log.path), c.reviewer, run_name, pid)
         source = src.describe_short()
         off = not c.reviewer
         if c.reviewer:
