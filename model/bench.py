@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.benchmarks.label_noise import NoiseConfig, run_label_noise
+from model.benchmarks.label_noise import NoiseConfig, run_label_noise, score_crossval
 from model.benchmarks.suite import FULL_KAGGLE_N, Settings, default_data, format_report, run_bench
 from model.core.atomic import write_json
 from model.core.cli import run_cli
@@ -70,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     n.add_argument("--folds", type=int, default=5)
     n.add_argument("--finetune-epochs", type=int, default=0)
     n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--score-cv", type=Path, metavar="CV_DIR",
+                   help="score another cross-validation of --out's noisy data against its "
+                        "flips (e.g. one run with --finetune-epochs 1)")
     return p
 
 
@@ -121,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body():
+        if args.score_cv is not None:
+            print(score_crossval(args.out, args.score_cv).to_string(index=False))
+            return
         if args.label_noise is not None:
             run_label_noise(noise_config(args))
             return

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# the shared run of the session (fixtures_runs.py says what it is)
+# the shared run and cross-validation of the session (their modules say what they are)
+from fixtures_crossval import tiny_cv  # noqa: F401
 from fixtures_runs import tiny_loaded, tiny_run  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -94,8 +94,8 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path, home: Path):
-        self.proc, self.url, self.log, self.home = proc, url, log, home
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path, home: Path, runs: Path):
+        self.proc, self.url, self.log, self.home, self.runs = proc, url, log, home, runs
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -121,7 +121,7 @@ def server(tmp_path_factory, sync_playwright):
            "--server.headless", "true", "--server.fileWatcherType", "none"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(proc, f"http://127.0.0.1:{port}", log, home)
+    srv = Server(proc, f"http://127.0.0.1:{port}", log, home, runs_dir)
     try:
         t0 = time.perf_counter()
         build_tiny_run(runs_dir)
@@ -315,3 +315,24 @@ def test_review_decision_reaches_the_log(page, server, monkeypatch):
     assert (row["reviewer"], row["action"], row["run"], row["patch_id"]) == (
         REVIEWER, "confirm", "tiny", pid)
 
+
+
+def test_review_queue_of_out_of_fold_predictions(page, server):
+    """A cross-validation of the synthetic set appears in the runs folder: Review switches to
+    its whole-set queue, likely label errors first, and says why the patch is there (label
+    quality, the 8 TTA views with their probabilities)."""
+    from model.crossval import main as crossval_main
+
+    rc = crossval_main(["--data", "synthetic:n=96", "--no-checks", "--arch", "test_efficientnet",
+                        "--no-pretrained", "--folds", "3", "--head-epochs", "2", "--device",
+                        "cpu", "--run-dir", str(server.runs / "cv-synthetic")])
+    assert rc == 0
+    goto(page, server, "Browse", "Browse patches")
+    goto(page, server, "Review", "Review")
+    main = page.locator("[data-testid='stMain']")
+    main.get_by_text("Why it is here").wait_for()
+    text = main.inner_text()
+    assert "Likely label errors" in text and "out-of-fold predictions of all 96" in text
+    assert "Label quality" in text and "TTA views" in text
+    assert main.get_by_text("p=").count() >= 8  # the strip of views with probabilities
+    screenshot(page, "review-oof")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fixtures_crossval import TINY_CV_K, TINY_CV_N, tiny_cv, tiny_cv_config  # noqa: F401
+from fixtures_crossval import TINY_CV_K, TINY_CV_N, tiny_cv_config
 
 from model.core.errors import DataError, PcamLensError, RunError
 from model.crossval import main as crossval_main
@@ -26,6 +26,7 @@ from model.evaluation.ensemble import load_ensemble, predict_ensemble
 from model.evaluation.evaluate import evaluate_run
 from model.evaluation.features import cached_features
 from model.evaluation.inference import predict_probs
+from model.evaluation.predict import predict_source
 from model.nets.archs import build_model
 from model.nets.transforms import InputConfig, dihedral, dihedral_views
 from model.oof.crossval import resume_crossval, run_crossval
@@ -175,6 +176,9 @@ def test_ensemble_is_the_mean_of_its_members(tiny_cv, kaggle_sample, tmp_path):
         assert np.allclose(members[:, k], predict_probs(m, src, progress=False,
                                                         precision="fp32"))
     assert np.allclose(mean, members.mean(1))
+    # model.predict on a cross-validation directory: the same mean, in submission form
+    _, _, sub = predict_source(tiny_cv, str(kaggle_sample), progress=False, precision="fp32")
+    assert list(sub["id"]) == list(src.ids) and np.allclose(sub["label"], mean)
     # model.evaluate on a cross-validation directory: the ensemble, with member AUCs, on a
     # small labelled folder (60 patches of the sample; train/ is a link)
     small = tmp_path / "small"

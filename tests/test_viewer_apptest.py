@@ -223,3 +223,55 @@ def test_kaggle_folder_outliers_and_remembered_source(env, make_kaggle):
     at2 = new_app().run()
     assert at2.sidebar.text_input(key="sb_path").value == str(root)
     assert "13 patches" in texts(at2.sidebar.caption)
+
+
+@pytest.fixture
+def cv_env(tmp_path, monkeypatch, tiny_cv, runs_root):  # noqa: F811
+    """A runs folder with the tiny run and a copy of the shared cross-validation."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root, root)
+    shutil.copytree(tiny_cv, root / "cv-tiny", ignore=shutil.ignore_patterns("features"))
+    home = tmp_path / "home"
+    monkeypatch.setenv("PCAM_LENS_HOME", str(home))
+    monkeypatch.setenv("PCAM_LENS_RUNS", str(root))
+    return root
+
+
+def _open_cv_data(at, kaggle_sample):
+    at.sidebar.selectbox(key="sb_kind").set_value("kaggle").run()
+    at.sidebar.text_input(key="sb_path").input(str(kaggle_sample)).run()
+    ok(at)
+
+
+def test_review_queue_over_the_whole_set_with_its_reasons(cv_env, kaggle_sample):
+    import pandas as pd
+
+    at = new_app().run()
+    _open_cv_data(at, kaggle_sample)
+    goto(at, "review")
+    assert at.segmented_control(key="rv-which").value == "oof"
+    progress = at.get("progress")[0].proto.text
+    assert "out-of-fold predictions of all 180 labelled patches" in progress
+    assert at.segmented_control(key="rv_order").value == "label_errors"
+    shown = at.subheader[0].value.removeprefix("Patch ")
+    oof = pd.read_csv(cv_env / "cv-tiny" / "oof_predictions.csv", dtype={"id": str})
+    worst = oof.sort_values(["label_issue", "label_quality"], ascending=[False, True]).iloc[0]
+    assert shown == worst["id"]  # the queue starts at confident learning's first pick
+    md = texts(at.markdown)
+    assert "Why it is here" in md and f"{worst['label_quality']:.3f}" in md
+    assert "TTA views" in md
+    at.segmented_control(key="rv_order").set_value("spread").run()
+    ok(at)
+    assert at.subheader[0].value == f"Patch {oof.loc[oof['tta_spread'].idxmax(), 'id']}"
+
+
+def test_browse_uses_out_of_fold_predictions(cv_env, kaggle_sample):
+    at = new_app().run()
+    _open_cv_data(at, kaggle_sample)
+    assert "out-of-fold predictions of all 180 labelled patches" in texts(at.caption)
+    assert "label quality (lowest first)" in at.selectbox(key="b_sort").options
+    at.selectbox(key="b_sort").set_value("label quality (lowest first)").run()
+    ok(at)
+    [b for b in at.button if b.label == "details"][0].click().run()
+    ok(at)
+    assert "Why it is here" in texts(at.markdown)

@@ -121,7 +121,8 @@ def rankings(cv_dir: Path, pool_ids: list[str], seed: int) -> dict[str, list[str
                                   include_reviewed=True).table["id"])
     rng = np.random.default_rng(seed + 1)
     random_order = list(np.asarray(pool_ids, dtype=object)[rng.permutation(len(pool_ids))])
-    assert len(oof) == len(pool_ids)
+    if len(oof) != len(pool_ids):
+        raise DataError(f"{cv_dir} does not cover the pool ({len(oof)} of {len(pool_ids)}).")
     return {"likely label errors (cleanlab, OOF, all patches)": label_errors,
             "top losses (OOF, all patches)": oof_losses,
             "top losses (one run's validation split)": run_losses,
@@ -257,6 +258,22 @@ def run_label_noise(cfg: NoiseConfig, log=print) -> dict:
     write_json(out / "label_noise.json", result)
     log(format_result(result, table))
     return result
+
+
+def score_crossval(out, cv_dir) -> pd.DataFrame:
+    """The ranking table of another cross-validation of the experiment's noisy data (e.g. with
+    --finetune-epochs 1) against its flips.csv: what a different model buys the ranking."""
+    out, cv_dir = Path(out), Path(cv_dir)
+    try:
+        flips = pd.read_csv(out / "flips.csv", dtype={"id": str})
+    except OSError:
+        raise DataError(f"{out} holds no flips.csv of a label-noise experiment.", path=out,
+                        fix="Pass the --out folder of python -m model.bench --label-noise."
+                        ) from None
+    pool_ids = list(pd.read_csv(cv_dir / "folds.csv", dtype={"id": str})["id"])
+    table = ranking_table(rankings(cv_dir, pool_ids, 0), set(flips["id"]), len(pool_ids))
+    write_csv(cv_dir / "precision_at_k.csv", table)
+    return table
 
 
 def format_result(r: dict, table: pd.DataFrame) -> str:
