@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the fine-tuning schedule's learning rate, batch and weight decay")
     t.add_argument("--lr", type=float, help="fine-tuning learning rate")
     t.add_argument("--bs", type=int)
+    t.add_argument("--prune-rounds", type=int, default=0,
+                   help="rounds of confident learning's prune-then-retrain: the labels a round "
+                        "flags are left out of the next round's training (default 0)")
     t.add_argument("--views", type=int, default=8, help="TTA views per patch (default 8)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -100,6 +103,7 @@ def config_from_args(args) -> CVConfig:
     return CVConfig(train=train, folds=args.folds,
                     head=HeadFit(epochs=args.head_epochs, lr=args.head_lr),
                     finetune_epochs=args.finetune_epochs, views=args.views,
+                    prune_rounds=args.prune_rounds,
                     features_dir=None if args.features_cache is None
                     else str(args.features_cache))
 

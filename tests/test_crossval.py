@@ -344,3 +344,18 @@ def test_killed_crossval_resumes_to_the_same_oof(tiny_cv, kaggle_sample, tmp_pat
     a = pd.read_csv(cv / "oof_predictions.csv")
     b = pd.read_csv(tiny_cv / "oof_predictions.csv")
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6)
+
+
+def test_prune_round_leaves_flagged_labels_out_of_training_only(kaggle_sample, tmp_path):
+    cv = run_crossval(tiny_cv_config(kaggle_sample, tmp_path / "cv", prune_rounds=1),
+                      log=lambda *_: None)
+    oof = pd.read_csv(cv / "oof_predictions.csv", dtype={"id": str})
+    assert len(oof) == TINY_CV_N  # every patch is still predicted
+    pruned = set(oof.loc[oof["pruned"], "id"])
+    assert 0 < len(pruned) < TINY_CV_N // 2
+    for k in range(TINY_CV_K):
+        train = set(_ids(cv / f"fold-{k}" / "train_ids.csv"))
+        held = set(_ids(cv / f"fold-{k}" / "valid_ids.csv"))
+        assert train.isdisjoint(pruned) and train.isdisjoint(held)
+        assert train | held | pruned == set(oof["id"])
+    assert json.loads((cv / "cv_metrics.json").read_text())["n_pruned"] == len(pruned)

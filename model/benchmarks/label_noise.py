@@ -158,8 +158,11 @@ def plot_curves(curves: pd.DataFrame, n_flipped: int, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, g in curves.groupby("order", sort=False):
-        ax.plot(g["k"], g["precision"], label=name)
+    # cleanlab's self-confidence and the OOF loss order two-class labels alike: the second is
+    # dashed so that both stay visible
+    styles = ["-", "--", "-", "-"]
+    for (name, g), ls in zip(curves.groupby("order", sort=False), styles):
+        ax.plot(g["k"], g["precision"], ls, label=name, lw=2 if ls == "-" else 1.5)
     ax.axvline(n_flipped, color="grey", ls=":", lw=1)
     ax.text(n_flipped, 0.02, " k = N flipped", color="grey", fontsize=8)
     ax.set_xlabel("patches reviewed (k, in queue order)")

@@ -65,6 +65,9 @@ class CVConfig:
     head: HeadFit = field(default_factory=HeadFit)
     finetune_epochs: int = 0  # unfrozen epochs of the ordinary trainer after the head
     views: int = 8  # dihedral TTA views of the out-of-fold predictions
+    # confident learning's "prune, then retrain": rounds of head fitting whose flagged label
+    # issues are left out of the next round's training (never out of its predictions)
+    prune_rounds: int = 0
     features_dir: str | None = None  # the feature cache (None: <cv dir>/features); caches
     # are keyed by weights, input and ids, so cross-validations of one data set can share one
 
@@ -78,6 +81,8 @@ class CVConfig:
         if not isinstance(self.finetune_epochs, int) or not 0 <= self.finetune_epochs <= 100:
             bad(f"--finetune-epochs must be a whole number 0..100; got {self.finetune_epochs!r}.",
                 "Use 0 (head only, the default) or 1.")
+        if not isinstance(self.prune_rounds, int) or not 0 <= self.prune_rounds <= 5:
+            bad(f"--prune-rounds must be 0..5; got {self.prune_rounds!r}.", "Use 0 or 1.")
         if not isinstance(self.views, int) or not 1 <= self.views <= 8:
             bad(f"--views must be 1..8; got {self.views!r}.", "Use 8 (every dihedral view).")
         h = self.head
@@ -89,13 +94,14 @@ class CVConfig:
     def to_dict(self) -> dict:
         return {"train": self.train.to_dict(), "folds": self.folds, "head": asdict(self.head),
                 "finetune_epochs": self.finetune_epochs, "views": self.views,
-                "features_dir": self.features_dir}
+                "features_dir": self.features_dir, "prune_rounds": self.prune_rounds}
 
     @classmethod
     def from_dict(cls, d: dict) -> CVConfig:
         return cls(train=TrainConfig.from_dict(d["train"]), folds=d["folds"],
                    head=HeadFit(**d["head"]), finetune_epochs=d["finetune_epochs"],
-                   views=d["views"], features_dir=d.get("features_dir"))
+                   views=d["views"], features_dir=d.get("features_dir"),
+                   prune_rounds=d.get("prune_rounds", 0))
 
 
 # --------------------------------------------------------------------------- configuration
@@ -229,14 +235,22 @@ def _run_folds(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarra
     feats = cached_features(model, input_cfg, src, cache, views=cfg.views, log=log)
     seconds = {"features": round(time.time() - t0, 1), "folds": []}
     log(f"Features of {len(src):,} patches x {cfg.views} views: {seconds['features']:.0f} s")
+    pruned = np.zeros(len(src), bool)
+    for r in range(cfg.prune_rounds):
+        t1 = time.time()
+        pruned = _prune_round(cfg, data, folds, feats, model[0], pruned, r, log)
+        seconds.setdefault("prune_rounds", []).append(round(time.time() - t1, 1))
     parts = []
     for k in range(cfg.folds):
         t1 = time.time()
-        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, model[0], log, command))
+        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, model[0], pruned, log,
+                           command))
         seconds["folds"].append(round(time.time() - t1, 1))
     t2 = time.time()
     oof = _oof_table(src, folds, parts)
+    oof["pruned"] = pruned
     metrics = _cv_metrics(oof, cfg, seconds, bool(src.synthetic))
+    metrics["n_pruned"] = int(pruned.sum())
     seconds["oof"] = round(time.time() - t2, 1)
     write_csv(cv_dir / OOF_FILE, oof)
     write_json(cv_dir / "cv_metrics.json", metrics)
@@ -252,10 +266,44 @@ def _run_folds(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarra
 # --------------------------------------------------------------------------- one fold
 
 
-def _fold_split(folds: np.ndarray, k: int, seed: int, n_folds: int) -> Split:
+def _fold_split(folds: np.ndarray, k: int, seed: int, n_folds: int,
+                pruned: np.ndarray | None = None) -> Split:
+    """Fold k holds out its patches; it trains on the others, less the pruned ones."""
     held = np.flatnonzero(folds == k)
-    return Split(np.flatnonzero(folds != k), held, f"fold {k} of {n_folds}", seed,
+    train = (folds != k) if pruned is None else (folds != k) & ~pruned
+    return Split(np.flatnonzero(train), held, f"fold {k} of {n_folds}", seed,
                  round(len(held) / len(folds), 4))
+
+
+def _head_model(cfg: CVConfig, fcfg: TrainConfig, train_src, body, k: int):
+    """(model, facts) of fold k: its seeded head on the body the features came from."""
+    torch.manual_seed(cfg.train.runtime.seed + k)
+    model, _, facts = build_for_new_run(dataclasses.replace(fcfg, model=dataclasses.replace(
+        fcfg.model, init_weights=None)), train_src, lambda *_: None)
+    model[0].load_state_dict(body.state_dict())
+    return model, facts
+
+
+def _prune_round(cfg: CVConfig, data: PreparedData, folds: np.ndarray, feats: np.ndarray,
+                 body, pruned: np.ndarray, r: int, log) -> np.ndarray:
+    """One round of heads fitted in memory (nothing written): the patches confident learning
+    flags on its out-of-fold predictions are pruned from the next round's training."""
+    labels = np.asarray(data.source.labels, np.int64)
+    parts = []
+    for k in range(cfg.folds):
+        split = _fold_split(folds, k, cfg.train.runtime.seed, cfg.folds, pruned)
+        model, _ = _head_model(cfg, cfg.train, data.source.subset(split.train_idx), body, k)
+        head = head_after_pool(model)
+        fit_head(head, feats, labels, split.train_idx, cfg.head, seed=cfg.train.runtime.seed + k)
+        probs = view_probs(head, feats, split.valid_idx)
+        part = pd.DataFrame({"id": [data.source.ids[i] for i in split.valid_idx]})
+        for v in range(probs.shape[1]):
+            part[f"p_view{v}"] = probs[:, v]
+        parts.append(part)
+    flagged = _oof_table(data.source, folds, parts)["label_issue"].to_numpy(bool)
+    log(f"Prune round {r + 1}: confident learning flags {int(flagged.sum()):,} labels; the "
+        "next round trains without them")
+    return flagged
 
 
 def _complete_fold(d: Path, want: TrainConfig) -> pd.DataFrame | None:
@@ -278,7 +326,8 @@ def _complete_fold(d: Path, want: TrainConfig) -> pd.DataFrame | None:
 
 
 def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k: int,
-          feats: np.ndarray, body, log, command: str | None) -> pd.DataFrame:
+          feats: np.ndarray, body, pruned: np.ndarray, log, command: str | None
+          ) -> pd.DataFrame:
     """Fold k: kept when complete, resumed when its fine-tuning was interrupted, else fitted
     (its head on the features that `body` computed) and written as a run directory."""
     d = fold_dir(cv_dir, k)
@@ -293,15 +342,13 @@ def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k:
         return _finetuned_views(d, data, folds, k, cfg.views)
     if d.exists():
         shutil.rmtree(d)  # an unfinished fold with no resume point: start it again
-    split = _fold_split(folds, k, cfg.train.runtime.seed, cfg.folds)
+    split = _fold_split(folds, k, cfg.train.runtime.seed, cfg.folds, pruned)
     p = prepare_split(data, split, run_dir=d, config=fcfg)
-    torch.manual_seed(cfg.train.runtime.seed + k)
-    model, _, facts = build_for_new_run(dataclasses.replace(fcfg, model=dataclasses.replace(
-        fcfg.model, init_weights=None)), p.train_src, lambda *_: None)
-    model[0].load_state_dict(body.state_dict())  # the body the features came from
+    model, facts = _head_model(cfg, fcfg, p.train_src, body, k)
     p.facts.update(facts)
     p.facts["crossval"] = {"dir": cv_dir.name, "fold": k, "folds": cfg.folds,
-                           "head": asdict(cfg.head), "finetune_epochs": cfg.finetune_epochs}
+                           "head": asdict(cfg.head), "finetune_epochs": cfg.finetune_epochs,
+                           "pruned_from_training": int((pruned & (folds != k)).sum())}
     labels = np.asarray(data.source.labels, np.int64)
     log(f"Fold {k}: head on the features of {len(split.train_idx):,} patches, "
         f"{len(split.valid_idx):,} held out")
