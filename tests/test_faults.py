@@ -797,10 +797,15 @@ def test_sigkill_while_writing_the_submission(trained_run, tmp_path):
 
 def test_every_file_write_in_model_goes_through_atomic():
     """No direct writes in model/: open(..., 'w'), .to_csv(path), .write_text/.write_bytes,
-    np.save(path), json.dump, torch.save, except inside model/core/atomic.py and the pack
-    builder, which writes a temporary folder that is renamed into place as a whole. Every
-    subpackage of model/ is scanned."""
-    allowed = {REPO / "model" / "core" / "atomic.py", PACK_MODULE}
+    np.save(path), json.dump, torch.save, except inside model/core/atomic.py, the pack
+    builder, which writes a temporary folder that is renamed into place as a whole, and the
+    feature cache, whose rows count as written only once its JSON (written atomically) says
+    so. Every subpackage of model/ is scanned."""
+    features = REPO / "model" / "evaluation" / "features.py"
+    allowed = {REPO / "model" / "core" / "atomic.py", PACK_MODULE, features}
+    # the feature cache opens only its own data file, and commits through write_json
+    assert re.findall(r'open\(([^,]+), "wb"\)', features.read_text()) == ["path"]
+    assert "write_json(meta_path" in features.read_text()
     bad = []
     scanned = _sources("model")
     assert len(scanned) > 30 and any(p.parent.name == "training" for p in scanned)
