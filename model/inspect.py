@@ -19,6 +19,7 @@ from model.core.paths import DATA_SUBDIR
 from model.data.base import PatchSource
 from model.data.inspect import default_workers, format_table, inspect_source
 from model.data.open import open_source
+from model.evaluation.duplicates import NEAR_THRESHOLD, duplicate_report
 
 
 def _json_name(split: str | None) -> str:
@@ -74,7 +75,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", metavar="N", type=int, default=default_workers(),
                    help="decoding threads (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = p.add_argument_group("duplicates and leakage (instead of the checks)")
+    d.add_argument("--duplicates", action="store_true",
+                   help="exact duplicates (also flipped/rotated), copies between train and "
+                        "test and, with --run, near-duplicates in the run's embeddings and "
+                        "the pairs its train/validation split separates")
+    d.add_argument("--run", type=Path, metavar="RUN_DIR", help="run for the near-duplicates")
+    d.add_argument("--threshold", type=float, default=NEAR_THRESHOLD,
+                   help=f"cosine above which two patches are near-duplicates "
+                        f"(default {NEAR_THRESHOLD})")
     return p
+
+
+def duplicates(args) -> int:
+    source = open_source(args.data, args.split)
+    if not 0 < args.threshold <= 1:
+        raise DataError(f"--threshold must be in (0, 1]; got {args.threshold}.")
+    print(f"Looking for duplicates in {source.describe_short()}", flush=True)
+    report = duplicate_report(source, args.run, args.threshold,
+                              progress=not args.no_progress, log=print)
+    print(report.format())
+    if args.json:
+        write_json(Path(args.json), report.to_dict())
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def body() -> int:
+        if args.duplicates:
+            return duplicates(args)
         source = open_source(args.data, args.split, use_pack=False)  # check the files themselves
         print(f"Inspecting {source.describe_short()}", flush=True)
         report = inspect_source(source, progress=not args.no_progress,

@@ -30,6 +30,7 @@ ARTIFACTS = REPO / "tests" / "_artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("PCAM_LENS_CHROMIUM", "/usr/bin/chromium"))
 # (sidebar label, page title (h1), screenshot name)
 PAGES = [("Browse", "Browse patches", "browse"), ("Dataset", "Dataset", "dataset"),
+         ("Map", "Map", "map-empty"),
          ("Runs", "Runs", "runs"), ("Metrics", "Metrics", "metrics"),
          ("Grad-CAM", "Grad-CAM", "gradcam"), ("Review", "Review", "review"),
          ("Inference", "Inference", "inference")]
@@ -336,3 +337,31 @@ def test_review_queue_of_out_of_fold_predictions(page, server):
     assert "Label quality" in text and "TTA views" in text
     assert main.get_by_text("p=").count() >= 8  # the strip of views with probabilities
     screenshot(page, "review-oof")
+
+
+def test_map_box_selection_fills_the_grid(page, server):
+    """Map: compute the embeddings of the synthetic set (5,000 patches), draw the PCA layout
+    in WebGL, drag a box over it: the selected patches appear below."""
+    goto(page, server, "Map", "Map")
+    main = page.locator("[data-testid='stMain']")
+    button = main.get_by_role("button", name="Compute the embeddings")
+    if button.count():
+        button.click()
+        main.get_by_text("Colour by").wait_for(timeout=240_000)
+        wait_rendered(page, server, "Map")
+    main.get_by_role("button", name="PCA (fast)").click()
+    wait_rendered(page, server, "Map")
+    plot = main.locator(".js-plotly-plot .nsewdrag").first
+    plot.wait_for()
+    box = plot.bounding_box()
+    t0 = time.perf_counter()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=8)
+    page.mouse.up()
+    main.get_by_text("Selection:").wait_for(timeout=60_000)
+    wait_rendered(page, server, "Map")
+    print(f"box selection to grid: {time.perf_counter() - t0:.2f} s")
+    assert_no_error(page, server, "Map selection")
+    assert main.get_by_role("button", name="details").count() >= 1
+    screenshot(page, "map")

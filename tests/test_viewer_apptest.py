@@ -14,8 +14,8 @@ import streamlit.testing.v1 as st_testing
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "viewer" / "app.py"
-PAGES = ["browse", "dataset", "runs", "metrics", "gradcam", "review", "inference"]
-NEED_RUN = ["metrics", "gradcam", "review", "inference"]
+PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference"]
+NEED_RUN = ["map", "metrics", "gradcam", "review", "inference"]
 RUN_FILES = ["config.json", "best.safetensors", "history.csv", "valid_predictions.csv",
              "metrics.json", "progress.json", "lr_schedule.csv", "valid_ids.csv",
              "train_ids.csv"]
@@ -275,3 +275,28 @@ def test_browse_uses_out_of_fold_predictions(cv_env, kaggle_sample):
     [b for b in at.button if b.label == "details"][0].click().run()
     ok(at)
     assert "Why it is here" in texts(at.markdown)
+
+
+def test_map_page_computes_embeddings_and_shows_similar_patches(env, make_kaggle):
+    root = make_kaggle(n=30)
+    at = new_app().run()
+    at.sidebar.selectbox(key="sb_kind").set_value("kaggle").run()
+    at.sidebar.text_input(key="sb_path").input(str(root)).run()
+    goto(at, "map")
+    assert "needs the run's embeddings of all 30 patches" in texts(at.info)
+    [b for b in at.button if b.label == "Compute the embeddings"][0].click().run()
+    ok(at)
+    at.segmented_control(key="map_method").set_value("pca").run()
+    ok(at)
+    for colour in ("label", "probability", "review status", "data split"):
+        at.selectbox(key="map_colour").set_value(colour).run()
+        ok(at)
+    charts = at.get("plotly_chart")
+    assert charts, "no map drawn"
+    fig = charts[0].proto.spec
+    assert "scattergl" in fig and fig.count('"customdata"') >= 1
+    # the Browse detail now lists the most similar patches
+    goto(at, "browse")
+    [b for b in at.button if b.label == "details"][0].click().run()
+    ok(at)
+    assert "Most similar patches" in texts(at.markdown)

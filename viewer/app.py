@@ -27,6 +27,7 @@ quiet_known_warnings()
 VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = [("browse.py", "Browse", ":material/grid_view:"),
          ("dataset.py", "Dataset", ":material/dataset:"),
+         ("map.py", "Map", ":material/scatter_plot:"),
          ("runs.py", "Runs", ":material/monitoring:"),
          ("metrics.py", "Metrics", ":material/analytics:"),
          ("gradcam.py", "Grad-CAM", ":material/local_fire_department:"),

@@ -122,3 +122,17 @@ def patch_rows_grid(pset: preds.Predictions, rows, key: str, n_cols: int = 6,
     caps = [ui.caption(r.id, r.label, r.prob) for r in rows.itertuples()]
     return ui.grid(imgs, caps, n_cols, buttons=list(rows["id"]) if buttons else None, key=key,
                    width=size)
+
+
+def similar_grid(c, emb, i: int, key: str, k: int = 12) -> None:
+    """The k patches most similar to row i (cosine of the embeddings), with label,
+    prediction and review status."""
+    rows, cos = emb.similar(i, k)
+    t, _ = preds.patch_table(c)
+    reviewed = state.review_log(c.source).reviewed_ids()
+    imgs = [ui.patch_image(x, lab, 96) for x, lab in zip(c.source.read_batch(rows),
+                                                          t.loc[rows, "label"])]
+    caps = [f"{ui.caption(t.at[r, 'id'], t.at[r, 'label'], t.at[r, 'prob'])} · cos "
+            f"{s:.3f}" + (" · reviewed" if t.at[r, "id"] in reviewed else "")
+            for r, s in zip(rows, cos)]
+    ui.grid(imgs, caps, key=key, width=128)

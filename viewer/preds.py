@@ -19,6 +19,7 @@ import streamlit as st
 
 from model.core.errors import PcamLensError
 from model.data.open import reopen_source
+from model.evaluation.embeddings import Embeddings, embed_run, embedding_map, load_embeddings
 from model.evaluation.evaluate import evaluate_run
 from model.evaluation.inference import predict_arrays, predict_probs
 from model.evaluation.metrics import complete_prediction_table, prediction_table
@@ -289,3 +290,31 @@ def gradcam_arrays(rk: RunKey, x: np.ndarray, layer: str, target: int | None) ->
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
     return gradcam_overlay(rgb, heat, alpha)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def embeddings(c: Context) -> Embeddings | None:
+    """The run's cached embeddings of the sidebar source (None until computed)."""
+    if c.run_key is None or c.source is None:
+        return None
+    key = ("emb", c.run_key, c.src_key)
+    store = _memo_store()
+    if key in store:
+        return store[key]
+    with MODEL_LOCK:
+        emb = load_embeddings(loaded(c.run_key), c.source)
+    if emb is not None:
+        _memo(key, lambda: emb)
+    return emb
+
+
+def compute_embeddings(c: Context, progress=None) -> Embeddings:
+    with MODEL_LOCK:
+        emb = embed_run(loaded(c.run_key), c.source, batch_size=128, progress=progress or False)
+    return _memo(("emb", c.run_key, c.src_key), lambda: emb)
+
+
+def map_xy(c: Context, emb: Embeddings, method: str) -> np.ndarray:
+    return _memo(("map", c.run_key, c.src_key, method), lambda: embedding_map(emb, method))

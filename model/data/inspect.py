@@ -444,3 +444,42 @@ def format_table(report: InspectReport) -> str:
     lines = [f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows]
     lines.insert(1, f"{'-' * w0}  {'-' * w1}  {'-' * 8}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def dihedral_digest(rgb: np.ndarray) -> bytes:
+    """A digest equal for a patch and each of its 8 flips/rotations (the smallest of the
+    views' digests): exact duplicates that were flipped or rotated share it."""
+    views = (np.rot90(v, k) for v in (rgb, rgb[:, ::-1]) for k in range(4))
+    return min(hashlib.blake2b(np.ascontiguousarray(v).tobytes(), digest_size=16).digest()
+               for v in views)
+
+
+def tissue_fraction(rgb: np.ndarray, min_saturation: int = 20) -> float:
+    """Share of pixels with colour (max - min channel above `min_saturation`): stained
+    tissue; glass, background and black borders are grey."""
+    sat = rgb.max(-1).astype(np.int16) - rgb.min(-1)
+    return float((sat > min_saturation).mean())
+
+
+def dihedral_digests(source: PatchSource, batch: int = 512
+                     ) -> tuple[list[bytes], np.ndarray]:
+    """(`dihedral_digest`, `tissue_fraction`) of every patch, read in batches (memory
+    bounded by `batch`)."""
+    out: list[bytes] = []
+    tissue = np.empty(len(source), np.float32)
+    for s in range(0, len(source), batch):
+        xs = source.read_batch(range(s, min(s + batch, len(source))))
+        out += [dihedral_digest(x) for x in xs]
+        tissue[s:s + len(xs)] = [tissue_fraction(x) for x in xs]
+    return out, tissue
+
+
+def digest_groups(digests: Sequence[bytes]) -> list[list[int]]:
+    """Rows sharing a digest, groups of two or more, in row order."""
+    groups: dict[bytes, list[int]] = {}
+    for i, d in enumerate(digests):
+        groups.setdefault(d, []).append(i)
+    return sorted(g for g in groups.values() if len(g) > 1)

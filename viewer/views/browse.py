@@ -218,6 +218,13 @@ def _detail(c, pid: str) -> None:
     if st.button("New random augmentations", key="d_reseed"):
         st.session_state["d_seed"] = st.session_state.get("d_seed", 0) + 1
         st.rerun(scope="fragment")
+    emb = preds.embeddings(c)
+    if emb is not None:
+        st.markdown("**Most similar patches** (cosine of the run's embeddings; relabel "
+                    "look-alikes together on the Review page)")
+        frame.similar_grid(c, emb, i, "d_similar", k=8)
+    elif c.run_key is not None:
+        st.caption("Similar patches: compute the run's embeddings on the Map page.")
     st.markdown("**Review history**")
     hist = state.review_log(src).history(pid)
     if hist.empty:

@@ -1,0 +1,149 @@
+"""Map: every patch of the source on a 2-D map of the run's embeddings (UMAP or PCA, from
+model.evaluation.embeddings), coloured by label, prediction, error, probability, loss, label
+quality, review status or split; a box or lasso selection fills a grid of its patches, and a
+patch shows its most similar ones."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from model.runs.format import read_config
+from model.runs.summary import belongs_to
+from viewer import components as ui
+from viewer import frame, preds, state
+
+COLOURS = ["label", "prediction", "correct / incorrect", "probability", "loss",
+           "label quality", "review status", "data split"]
+CATEGORY_COLOURS = {"tumour": "#d62728", "no tumour": "#2ca02c", "unlabelled": "#bcbd22",
+                    "correct": "#1f77b4", "incorrect": "#ff7f0e", "no prediction": "#7f7f7f",
+                    "reviewed": "#9467bd", "not reviewed": "#c7c7c7", "relabelled": "#e377c2",
+                    "flagged": "#8c564b", "train": "#17becf", "validation": "#ff7f0e",
+                    "other": "#c7c7c7"}
+GRID_MAX = 48
+
+
+def _categories(c, t: pd.DataFrame, by: str) -> pd.Series | None:
+    """A category per row for the categorical colourings; None for the continuous ones."""
+    def names(values, mapping):
+        return pd.Series(values).map(mapping).fillna("unlabelled")
+
+    if by == "label":
+        return names(t["label"], {1: "tumour", 0: "no tumour"})
+    if by == "prediction":
+        return names(t["pred"], {1: "tumour", 0: "no tumour"}).replace(
+            "unlabelled", "no prediction")
+    if by == "correct / incorrect":
+        return pd.Series(np.where(t["correct"].isna(), "no prediction",
+                                  np.where(t["correct"] == True, "correct", "incorrect")))  # noqa: E712
+    if by == "review status":
+        latest = state.review_log(c.source).latest()
+        act = dict(zip(latest["patch_id"], latest["action"]))
+        return pd.Series([{"relabel": "relabelled", "flag": "flagged"}.get(act.get(i),
+                          "reviewed" if i in act else "not reviewed") for i in t["id"]])
+    if by == "data split":
+        side = {}
+        cfg = read_config(c.run_dir)
+        if belongs_to(cfg, c.source):
+            for name, what in (("train_ids.csv", "train"), ("valid_ids.csv", "validation")):
+                df = state.run_csv(c.run_dir, name)
+                if df is not None:
+                    side.update({i: what for i in df["id"].astype(str)})
+        return pd.Series([side.get(i, "other") for i in t["id"]])
+    return None
+
+
+def _figure(xy: np.ndarray, t: pd.DataFrame, cat: pd.Series | None, by: str) -> go.Figure:
+    fig = go.Figure()
+    hover = "%{customdata[1]}<br>label %{customdata[2]} · p=%{customdata[3]}<extra></extra>"
+    prob = t["prob"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+    label = t["label"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
+    custom = np.stack([t.index.to_numpy(), t["id"].to_numpy(), label, prob], axis=1)
+    if cat is not None:
+        for name in sorted(cat.unique()):
+            m = (cat == name).to_numpy()
+            fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=name,
+                                       customdata=custom[m], hovertemplate=hover,
+                                       marker=dict(size=3, color=CATEGORY_COLOURS.get(
+                                           name, "#7f7f7f"), opacity=0.7)))
+    else:
+        col = {"probability": "prob", "loss": "loss", "label quality": "label_quality"}[by]
+        values = t[col] if col in t else pd.Series(np.nan, index=t.index)
+        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", name=by,
+                                   customdata=custom, hovertemplate=hover,
+                                   marker=dict(size=3, color=values.to_numpy(float),
+                                               colorscale="Viridis", showscale=True,
+                                               opacity=0.7, colorbar=dict(title=by))))
+    fig.update_layout(dragmode="select", height=620, margin=dict(l=10, r=10, t=30, b=10),
+                      legend=dict(itemsizing="constant"), xaxis=dict(visible=False),
+                      yaxis=dict(visible=False))
+    return fig
+
+
+def _compute(c) -> None:
+    bar = st.progress(0.0, text="Embedding...")
+    t0 = time.perf_counter()
+
+    def cb(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-6)
+        bar.progress(done / max(total, 1), text=f"Embedding {done:,} of {total:,} patches "
+                                                f"({rate:.0f}/s)")
+
+    preds.compute_embeddings(c, progress=cb)
+    bar.empty()
+
+
+def _selected_rows(event) -> list[int]:
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    return [int(p["customdata"][0]) for p in points if p.get("customdata") is not None]
+
+
+def render(c) -> None:
+    if not ui.need_source(c) or not ui.need_run(c, "The map"):
+        return
+    emb = preds.embeddings(c)
+    if emb is None:
+        st.info(f"The map needs the run's embeddings of all {len(c.source):,} patches (one "
+                "forward pass each; also `python -m model.embed RUN --data DATA`).")
+        if st.button("Compute the embeddings", key="map_compute", type="primary",
+                     icon=":material/scatter_plot:"):
+            _compute(c)
+            st.rerun()
+        return
+    a, b = st.columns([2, 3])
+    method = a.segmented_control("Layout", ["umap", "pca"], default="umap", key="map_method",
+                                 format_func={"umap": "UMAP", "pca": "PCA (fast)"}.get) or "pca"
+    by = b.selectbox("Colour by", COLOURS, key="map_colour")
+    with st.spinner(f"Computing the {method.upper()} layout of {len(emb):,} patches..."):
+        xy = preds.map_xy(c, emb, method)
+    t, pset = preds.patch_table(c)
+    st.caption(f"{len(emb):,} patches · embeddings of run {c.run_name} "
+               f"({emb.meta.get('dim')} PCA dimensions, "
+               f"{emb.meta.get('explained_variance', 0):.0%} of the variance)"
+               + (f" · predictions: {pset.origin}" if pset is not None else "")
+               + ". Box or lasso select (toolbar) to see the patches.")
+    event = st.plotly_chart(_figure(xy, t, _categories(c, t, by), by), key="map_chart",
+                            on_select="rerun", selection_mode=("box", "lasso", "points"))
+    rows = _selected_rows(event)
+    if not rows:
+        return
+    st.subheader(f"Selection: {len(rows):,} patches" + (f" (first {GRID_MAX} shown)"
+                                                        if len(rows) > GRID_MAX else ""))
+    part = t.loc[rows[:GRID_MAX]]
+    imgs = [ui.patch_image(x, lab, 96) for x, lab in zip(c.source.read_batch(part.index),
+                                                          part["label"])]
+    caps = [ui.caption(r.id, r.label, r.prob) for r in part.itertuples()]
+    clicked = ui.grid(imgs, caps, buttons=list(part["id"]), key="map_grid", width=128)
+    if clicked:
+        st.session_state["map_focus"] = clicked
+    focus = st.session_state.get("map_focus")
+    if focus in set(part["id"]):
+        st.markdown(f"**Most similar to {focus}** (cosine of the embeddings)")
+        frame.similar_grid(c, emb, c.source.index_of(focus), "map_similar")
+
+
+if __name__ == "__main__":
+    frame.run_page(render, "Map")
