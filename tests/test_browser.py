@@ -349,8 +349,7 @@ def test_map_box_selection_fills_the_grid(page, server):
         button.click()
         main.get_by_text("Colour by").wait_for(timeout=240_000)
         wait_rendered(page, server, "Map")
-    main.get_by_role("button", name="PCA (fast)").click()
-    wait_rendered(page, server, "Map")
+    assert "PCA (fast)" in main.inner_text()  # the default layout until UMAP is computed
     plot = main.locator(".js-plotly-plot .nsewdrag").first
     plot.wait_for()
     box = plot.bounding_box()

@@ -94,6 +94,7 @@ def test_oof_equals_the_fold_runs_own_forward_pass(tiny_cv, kaggle_sample):
         assert np.abs(p.mean(1) - rows["prob"].to_numpy()).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_grouped_folds_never_split_a_slide(h5_sample, tmp_path):
     """The HDF5 sample with a meta file (written here) giving slide ids: every slide's
     patches share one fold, and the fold runs keep slides on one side."""
@@ -346,6 +347,7 @@ def test_killed_crossval_resumes_to_the_same_oof(tiny_cv, kaggle_sample, tmp_pat
     pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_prune_round_leaves_flagged_labels_out_of_training_only(kaggle_sample, tmp_path):
     cv = run_crossval(tiny_cv_config(kaggle_sample, tmp_path / "cv", prune_rounds=1),
                       log=lambda *_: None)

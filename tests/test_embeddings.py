@@ -97,10 +97,11 @@ def test_umap_map_is_cached(tiny_loaded, tmp_path, dup_folder):
     assert len(src) >= MIN_UMAP
     xy = embedding_map(emb, "umap")
     assert xy.shape == (len(src), 2) and np.isfinite(xy).all()
-    assert np.array_equal(np.load(emb.dir / "map-umap.npy"), xy)
+    assert np.array_equal(np.load(emb.dir / "map-umap.npy", allow_pickle=False), xy)
     assert "map_umap" in load_embeddings(loaded, src).meta["seconds"]
 
 
+@pytest.mark.slow
 def test_duplicates_and_a_pair_split_across_train_and_validation(dup_folder, tmp_path,
                                                                  capsys):
     root, a, b = dup_folder

@@ -277,6 +277,7 @@ def test_browse_uses_out_of_fold_predictions(cv_env, kaggle_sample):
     assert "Why it is here" in texts(at.markdown)
 
 
+@pytest.mark.slow
 def test_map_page_computes_embeddings_and_shows_similar_patches(env, make_kaggle):
     root = make_kaggle(n=30)
     at = new_app().run()

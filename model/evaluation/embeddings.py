@@ -71,7 +71,7 @@ def _key_dir(run_dir: Path, key: dict) -> Path:
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with atomic_open(path, "wb") as f:
-        np.save(f, arr)
+        np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def _mean_views(feats: np.ndarray, rows: slice) -> np.ndarray:
@@ -103,7 +103,7 @@ def _read_fresh(d: Path, key: dict) -> Embeddings | None:
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("key") != key:
             return None
-        vectors = np.load(d / "reduced.npy", mmap_mode="r")
+        vectors = np.load(d / "reduced.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return None  # missing or truncated: recomputed by embed_run
     if vectors.shape[0] != key["n"]:
@@ -154,7 +154,7 @@ def embedding_map(emb: Embeddings, method: str = "umap", seed: int = 0, log=None
         raise DataError(f"Unknown map method {method!r}.", fix="Use umap or pca.")
     path = emb.dir / f"map-{method}.npy"
     try:
-        xy = np.load(path)
+        xy = np.load(path, allow_pickle=False)
         if xy.shape == (len(emb), 2):
             return xy
     except (OSError, ValueError):

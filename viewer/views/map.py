@@ -114,7 +114,9 @@ def render(c) -> None:
             st.rerun()
         return
     a, b = st.columns([2, 3])
-    method = a.segmented_control("Layout", ["umap", "pca"], default="umap", key="map_method",
+    # UMAP takes minutes on a large source: the default until it has been computed is PCA
+    cached = "umap" if (emb.dir / "map-umap.npy").exists() else "pca"
+    method = a.segmented_control("Layout", ["umap", "pca"], default=cached, key="map_method",
                                  format_func={"umap": "UMAP", "pca": "PCA (fast)"}.get) or "pca"
     by = b.selectbox("Colour by", COLOURS, key="map_colour")
     with st.spinner(f"Computing the {method.upper()} layout of {len(emb):,} patches..."):
