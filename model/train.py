@@ -43,6 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--labels-from-review", nargs="?", const="default", metavar="LOG",
                    help="apply the pathologist review log (relabels; flagged patches dropped); "
                         "default log: the one beside the data")
+    d.add_argument("--group-duplicates", type=Path, metavar="REPORT",
+                   help="keep the duplicate / near-duplicate pairs of this report (python -m "
+                        "model.inspect DATA --duplicates --run RUN --json REPORT) on one side "
+                        "of the split")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default=DEFAULT_ARCH,
                    help="resnet18/34/50, densenet121/169 or any timm name "

@@ -155,3 +155,30 @@ def test_bad_inputs_for_embeddings(tiny_loaded, tmp_path, dup_folder, capsys):
     assert embed_main([str(tmp_path / "run"), "--data", str(tmp_path / "nope")]) == 2
     assert "error:" in capsys.readouterr().err
     assert inspect_main([str(root), "--duplicates", "--threshold", "1.5"]) == 2
+
+
+def test_training_option_keeps_duplicate_pairs_on_one_side(dup_folder, tmp_path):
+    from model.core.atomic import write_json
+    from model.core.errors import DataError
+    from model.training.config import TrainConfig
+    from model.training.prepare import prepare_new
+
+    root, a, b = dup_folder
+    report = tmp_path / "dups.json"
+    write_json(report, duplicate_report(open_source(root, "train"), progress=False).to_dict())
+    for seed in range(6):
+        cfg = dataclasses.replace(TINY_CONFIG, data=DataConfig(
+            spec=str(root), checks=False, group_duplicates=str(report)),
+            split=SplitConfig(valid_pct=0.3),
+            runtime=dataclasses.replace(TINY_CONFIG.runtime, seed=seed))
+        p = prepare_new(cfg, lambda *_: None)
+        valid = set(p.valid_src.ids)
+        assert (a in valid) == ("copy_a" in valid) and (b in valid) == ("flip_b" in valid)
+        assert p.facts["split"]["method"] == "grouped-by-slide"
+        assert p.facts["data"]["duplicate_groups"]["pairs_in_data"] == 2
+    (tmp_path / "bad.json").write_text("{}")
+    cfg = dataclasses.replace(TINY_CONFIG, data=DataConfig(
+        spec=str(root), checks=False, group_duplicates=str(tmp_path / "bad.json")))
+    with pytest.raises(DataError, match="not a duplicates report"):
+        prepare_new(cfg, lambda *_: None)
+    assert isinstance(TrainConfig.from_dict(cfg.to_dict()), TrainConfig)

@@ -52,6 +52,9 @@ class DataConfig:
     drop_bad: bool = False  # drop unusable patches instead of stopping
     drop_outliers: bool = False  # also drop near-black / near-white patches
     labels_from_review: str | None = None  # "default" (the log beside the data) or a log path
+    # a duplicates report (python -m model.inspect --duplicates --json): its duplicate and
+    # near-duplicate pairs are kept on one side of the split (grouped like slides)
+    group_duplicates: str | None = None
 
 
 @dataclass
@@ -137,7 +140,9 @@ class TrainConfig:
             data=DataConfig(spec=str(args.data), max_items=args.max_items,
                             checks=not args.no_checks, drop_bad=args.drop_bad,
                             drop_outliers=args.drop_outliers,
-                            labels_from_review=args.labels_from_review),
+                            labels_from_review=args.labels_from_review,
+                            group_duplicates=None if args.group_duplicates is None
+                            else str(args.group_duplicates)),
             split=SplitConfig(method=args.split, valid_pct=args.valid_pct,
                               valid_ids=None if args.valid_ids is None else str(args.valid_ids)),
             model=ModelConfig(arch=args.arch,

@@ -3,6 +3,7 @@ patches a run trains and validates on. Nothing is written here: bad data stops t
 before its directory exists."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,48 @@ def apply_review(source: PatchSource, spec: str, log) -> tuple[PatchSource, dict
     return sub, {"log": str(path), "relabelled": changed, "dropped": int((~keep).sum())}
 
 
+def _report_pairs(path: Path) -> list[tuple[str, str]]:
+    try:
+        rep = json.loads(path.read_text(encoding="utf-8"))
+        pairs = [(g[0], other) for g in rep["exact_groups"] for other in g[1:]]
+        pairs += [(r["id_a"], r["id_b"]) for r in rep["near_pairs"] if not r.get("background")]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DataError(f"{path} is not a duplicates report ({type(e).__name__}: {e}).",
+                        path=path, fix="Write one with python -m model.inspect DATA "
+                                       "--duplicates --run RUN --json REPORT.") from None
+    return pairs
+
+
+def group_duplicates(source: PatchSource, path: Path, log) -> dict:
+    """Give the pairs of a duplicates report one group each (union-find, together with any
+    slide ids), so a grouped split keeps both patches of a pair on one side."""
+    pairs = _report_pairs(path)
+    pos = {pid: k for k, pid in enumerate(source.ids)}
+    parent = list(range(len(source)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if source.groups is not None:  # patches of one slide stay together as well
+        first: dict[str, int] = {}
+        for i, g in enumerate(source.groups):
+            parent[root(i)] = root(first.setdefault(str(g), i))
+    used = 0
+    for a, b in pairs:
+        if a in pos and b in pos:
+            parent[root(pos[a])] = root(pos[b])
+            used += 1
+    source.groups = np.array([f"g{root(i)}" for i in range(len(source))], dtype=object)
+    n_groups = len(set(source.groups))
+    log(f"Duplicates report {path}: {used} of {len(pairs)} pairs are in the data; "
+        f"{n_groups:,} groups, each kept on one side of the split.")
+    return {"report": str(path), "pairs": len(pairs), "pairs_in_data": used,
+            "groups": n_groups}
+
+
 def open_training_source(config: TrainConfig) -> PatchSource:
     source = open_source(config.data.spec, "train")
     if source.labels is None:
@@ -115,8 +158,12 @@ def prepare_data(config: TrainConfig, log) -> PreparedData:
     review = None
     if config.data.labels_from_review:
         source, review = apply_review(source, config.data.labels_from_review, log)
+    grouped = None
+    if config.data.group_duplicates:
+        grouped = group_duplicates(source, Path(config.data.group_duplicates), log)
     facts = {**data_desc, "max_items": config.data.max_items, "review": review,
-             "checks": checks, "train_ids_file": "train_ids.csv"}
+             "checks": checks, "train_ids_file": "train_ids.csv",
+             "duplicate_groups": grouped}
     return PreparedData(source, config, facts)
 
 
