@@ -296,6 +296,12 @@ def test_map_page_computes_embeddings_and_shows_similar_patches(env, make_kaggle
     assert charts, "no map drawn"
     fig = charts[0].proto.spec
     assert "scattergl" in fig and fig.count('"customdata"') >= 1
+    # the Dataset page finds duplicates with the run's embeddings
+    goto(at, "dataset")
+    [b for b in at.button if b.label == "Find duplicates"][0].click().run()
+    ok(at)
+    assert "0 groups of exact duplicates" in texts(at.text)
+    assert "pairs split across the run's train/validation" in texts(at.text)
     # the Browse detail now lists the most similar patches
     goto(at, "browse")
     [b for b in at.button if b.label == "details"][0].click().run()

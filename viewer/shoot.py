@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 
 from model.core.runtime import process_memory_mb  # noqa: E402
 
-PAGES = ["browse", "dataset", "runs", "metrics", "gradcam", "review", "inference"]
+PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference"]
 
 
 def wait_idle(page, timeout_s: float = 120.0) -> float:

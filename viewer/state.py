@@ -22,6 +22,7 @@ from model.core.atomic import write_json
 from model.core.errors import DataError, RunError
 from model.data.inspect import inspect_source
 from model.data.open import open_source
+from model.evaluation.duplicates import duplicate_report
 from model.review.log import ReviewLog, default_log_path
 from model.runs.format import default_runs_root, read_config, read_json
 from model.runs.load import load_run, weights_path
@@ -230,4 +231,22 @@ def run_inspect(sk: SourceKey, max_items: int | None) -> dict:
     rep = inspect_source(open_source_cached(sk), progress=False, max_items=max_items,
                          workers=2).to_dict()
     _inspect_store()[sk] = rep
+    return rep
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+@st.cache_resource(show_spinner=False)
+def _duplicates_store() -> dict:
+    return {}
+
+
+def duplicates_report(sk: SourceKey, rk: RunKey | None):
+    return _duplicates_store().get((sk, rk))
+
+
+def run_duplicates(c: Context):
+    rep = duplicate_report(c.source, c.run_dir if c.run_key else None, progress=False)
+    _duplicates_store()[(c.src_key, c.run_key)] = rep
     return rep

@@ -35,6 +35,36 @@ def render(c) -> None:
         else:
             return
     _report(c, rep)
+    _duplicates(c)
+
+
+def _duplicates(c) -> None:
+    """Exact duplicates (also flipped/rotated) and, with a run, near-duplicates in its
+    embeddings and the pairs its split separates (model.evaluation.duplicates)."""
+    st.subheader("Duplicates and leakage")
+    rep = state.duplicates_report(c.src_key, c.run_key)
+    if rep is None:
+        with_run = f" and near-duplicates in run {c.run_name}'s embeddings" if c.run_key else ""
+        st.caption(f"Exact duplicates (flips and rotations included), copies between train "
+                   f"and test{with_run}; also `python -m model.inspect DATA --duplicates "
+                   "--run RUN`.")
+        if not st.button("Find duplicates", key="ds_dups", icon=":material/content_copy:"):
+            return
+        with st.spinner(f"Comparing {len(c.source):,} patches..."):
+            rep = state.run_duplicates(c)
+    st.text(rep.format())
+    near = rep.near[~rep.near["background"]] if len(rep.near) else rep.near
+    pairs = [g[:2] for g in rep.exact[:4]] + [[r.id_a, r.id_b] for r in near.head(4)
+                                              .itertuples()]
+    if pairs:
+        st.caption("Examples (exact duplicates first, then near-duplicates):")
+        ids = [i for pair in pairs for i in pair]
+        idx = [c.source.index_of(i) for i in ids]
+        labels = [None if c.source.labels is None else int(c.source.labels[i]) for i in idx]
+        ui.grid([ui.patch_image(x, lab, 96) for x, lab in zip(c.source.read_batch(idx),
+                                                              labels)],
+                [ui.caption(i, lab) for i, lab in zip(ids, labels)], 8, key="ds_dup_grid",
+                width=128)
 
 
 def _ask(n: int) -> bool:
