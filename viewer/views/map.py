@@ -58,10 +58,10 @@ def _categories(c, t: pd.DataFrame, by: str) -> pd.Series | None:
 
 def _figure(xy: np.ndarray, t: pd.DataFrame, cat: pd.Series | None, by: str) -> go.Figure:
     fig = go.Figure()
-    hover = "%{customdata[1]}<br>label %{customdata[2]} · p=%{customdata[3]}<extra></extra>"
-    prob = t["prob"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-    label = t["label"].map(lambda v: "–" if pd.isna(v) else str(int(v)))
-    custom = np.stack([t.index.to_numpy(), t["id"].to_numpy(), label, prob], axis=1)
+    # customdata = the row only: 220k ids and formatted numbers as strings would triple what
+    # the browser receives; the hover shows the row, the selection grid shows the ids
+    hover = "row %{customdata}<extra></extra>"
+    custom = t.index.to_numpy()
     if cat is not None:
         for name in sorted(cat.unique()):
             m = (cat == name).to_numpy()
@@ -98,7 +98,12 @@ def _compute(c) -> None:
 
 def _selected_rows(event) -> list[int]:
     points = (event or {}).get("selection", {}).get("points", []) if event else []
-    return [int(p["customdata"][0]) for p in points if p.get("customdata") is not None]
+    rows = []
+    for p in points:
+        c = p.get("customdata")
+        if c is not None:
+            rows.append(int(c[0] if isinstance(c, list) else c))
+    return rows
 
 
 def render(c) -> None:
