@@ -9,6 +9,7 @@ import streamlit as st
 
 from model.data.base import centre_box
 from model.nets.transforms import dihedral_views
+from model.runs.crossval import view_columns
 
 TUMOUR_RGB = (230, 40, 40)  # box colour of label 1
 NORMAL_RGB = (30, 190, 70)  # box colour of label 0
@@ -242,8 +243,7 @@ def queue_reason(row, rgb: np.ndarray) -> None:
                 f"out-of-fold probability of the given label, {label_text(label)}; low = "
                 f"suspicious) · rank {int(row['issue_rank']):,} · predicted by fold "
                 f"{int(row['fold'])}'s model, which never saw this patch")
-    cols = sorted((c for c in row.index if str(c).startswith("p_view")),
-                  key=lambda c: int(str(c)[len("p_view"):]))
+    cols = view_columns(row)
     if not cols:
         return
     probs = [float(row[c]) for c in cols]

@@ -98,7 +98,7 @@ def _reduce(feats: np.ndarray) -> tuple[np.ndarray, dict]:
                  "explained_variance": float(pca.explained_variance_ratio_.sum())}
 
 
-def _read_fresh(d: Path, key: dict) -> Embeddings | None:
+def _read_fresh(d: Path, key: dict, ids: list[str]) -> Embeddings | None:
     try:
         meta = json.loads((d / "meta.json").read_text())
         if meta.get("key") != key:
@@ -108,16 +108,13 @@ def _read_fresh(d: Path, key: dict) -> Embeddings | None:
         return None  # missing or truncated: recomputed by embed_run
     if vectors.shape[0] != key["n"]:
         return None
-    return Embeddings(d, [], np.asarray(vectors), meta)
+    return Embeddings(d, ids, np.asarray(vectors), meta)
 
 
 def load_embeddings(loaded, source: PatchSource, views: int = 1) -> Embeddings | None:
     """The cached embeddings of this run's checkpoint on `source`, or None (never computes)."""
     key = cache_key(loaded.model, loaded.input, source, views)
-    emb = _read_fresh(_key_dir(loaded.run_dir, key), key)
-    if emb is not None:
-        emb.ids = list(source.ids)
-    return emb
+    return _read_fresh(_key_dir(loaded.run_dir, key), key, list(source.ids))
 
 
 def embed_run(loaded, source: PatchSource, *, views: int = 1, batch_size: int = 256,
@@ -128,9 +125,8 @@ def embed_run(loaded, source: PatchSource, *, views: int = 1, batch_size: int = 
                         "map needs at least 2.", fix="Choose a larger data source.")
     key = cache_key(loaded.model, loaded.input, source, views)
     d = _key_dir(loaded.run_dir, key)
-    emb = _read_fresh(d, key)
+    emb = _read_fresh(d, key, list(source.ids))
     if emb is not None:
-        emb.ids = list(source.ids)
         return emb
     t0 = time.time()
     feats = cached_features(loaded.model, loaded.input, source, d.parent, views=views,

@@ -243,7 +243,7 @@ def _run_folds(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarra
     parts = []
     for k in range(cfg.folds):
         t1 = time.time()
-        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, model[0], pruned, log,
+        parts.append(_fold(cv_dir, cfg, data, folds, k, feats, model[0], facts, pruned, log,
                            command))
         seconds["folds"].append(round(time.time() - t1, 1))
     t2 = time.time()
@@ -275,13 +275,15 @@ def _fold_split(folds: np.ndarray, k: int, seed: int, n_folds: int,
                  round(len(held) / len(folds), 4))
 
 
-def _head_model(cfg: CVConfig, fcfg: TrainConfig, train_src, body, k: int):
-    """(model, facts) of fold k: its seeded head on the body the features came from."""
+def _head_model(cfg: CVConfig, train_src, body, k: int):
+    """Fold k's network: its seeded head on the body the features came from (built without
+    weights, then given the body's: the pretrained ones are not read again per fold)."""
     torch.manual_seed(cfg.train.runtime.seed + k)
-    model, _, facts = build_for_new_run(dataclasses.replace(fcfg, model=dataclasses.replace(
-        fcfg.model, init_weights=None)), train_src, lambda *_: None)
+    no_weights = dataclasses.replace(cfg.train, model=dataclasses.replace(
+        cfg.train.model, pretrained=None, init_weights=None))
+    model, _, _ = build_for_new_run(no_weights, train_src, lambda *_: None)
     model[0].load_state_dict(body.state_dict())
-    return model, facts
+    return model
 
 
 def _prune_round(cfg: CVConfig, data: PreparedData, folds: np.ndarray, feats: np.ndarray,
@@ -292,14 +294,10 @@ def _prune_round(cfg: CVConfig, data: PreparedData, folds: np.ndarray, feats: np
     parts = []
     for k in range(cfg.folds):
         split = _fold_split(folds, k, cfg.train.runtime.seed, cfg.folds, pruned)
-        model, _ = _head_model(cfg, cfg.train, data.source.subset(split.train_idx), body, k)
-        head = head_after_pool(model)
+        head = head_after_pool(_head_model(cfg, data.source.subset(split.train_idx), body, k))
         fit_head(head, feats, labels, split.train_idx, cfg.head, seed=cfg.train.runtime.seed + k)
-        probs = view_probs(head, feats, split.valid_idx)
-        part = pd.DataFrame({"id": [data.source.ids[i] for i in split.valid_idx]})
-        for v in range(probs.shape[1]):
-            part[f"p_view{v}"] = probs[:, v]
-        parts.append(part)
+        parts.append(_views_frame(data, split.valid_idx,
+                                  view_probs(head, feats, split.valid_idx)))
     flagged = _oof_table(data.source, folds, parts)["label_issue"].to_numpy(bool)
     log(f"Prune round {r + 1}: confident learning flags {int(flagged.sum()):,} labels; the "
         "next round trains without them")
@@ -326,8 +324,8 @@ def _complete_fold(d: Path, want: TrainConfig) -> pd.DataFrame | None:
 
 
 def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k: int,
-          feats: np.ndarray, body, pruned: np.ndarray, log, command: str | None
-          ) -> pd.DataFrame:
+          feats: np.ndarray, body, body_facts: dict, pruned: np.ndarray, log,
+          command: str | None) -> pd.DataFrame:
     """Fold k: kept when complete, resumed when its fine-tuning was interrupted, else fitted
     (its head on the features that `body` computed) and written as a run directory."""
     d = fold_dir(cv_dir, k)
@@ -344,8 +342,8 @@ def _fold(cv_dir: Path, cfg: CVConfig, data: PreparedData, folds: np.ndarray, k:
         shutil.rmtree(d)  # an unfinished fold with no resume point: start it again
     split = _fold_split(folds, k, cfg.train.runtime.seed, cfg.folds, pruned)
     p = prepare_split(data, split, run_dir=d, config=fcfg)
-    model, facts = _head_model(cfg, fcfg, p.train_src, body, k)
-    p.facts.update(facts)
+    model = _head_model(cfg, p.train_src, body, k)
+    p.facts.update(body_facts)  # model, pretrained weights, input: the same for every fold
     p.facts["crossval"] = {"dir": cv_dir.name, "fold": k, "folds": cfg.folds,
                            "head": asdict(cfg.head), "finetune_epochs": cfg.finetune_epochs,
                            "pruned_from_training": int((pruned & (folds != k)).sum())}
@@ -383,11 +381,17 @@ def _write_head_run(p, model, history: list[dict], probs: np.ndarray, command) -
                "best_auc": rows[-1]["auc"], "best_epoch": last})
 
 
-def _views_part(d: Path, data: PreparedData, rows: np.ndarray, probs: np.ndarray
-                ) -> pd.DataFrame:
+def _views_frame(data: PreparedData, rows: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """id, p_view0.. of the given rows: a fold's held-out view probabilities."""
     part = pd.DataFrame({"id": [data.source.ids[i] for i in rows]})
     for v in range(probs.shape[1]):
         part[f"p_view{v}"] = probs[:, v]
+    return part
+
+
+def _views_part(d: Path, data: PreparedData, rows: np.ndarray, probs: np.ndarray
+                ) -> pd.DataFrame:
+    part = _views_frame(data, rows, probs)
     write_csv(d / "oof_views.csv", part)
     return part
 

@@ -46,12 +46,11 @@ def view_probs(head: nn.Module, feats: np.ndarray, rows: np.ndarray,
         with torch.inference_mode():
             for s in range(0, len(rows), bs):
                 r = np.asarray(rows[s:s + bs])
-                x = torch.from_numpy(np.asarray(feats[np.sort(r)], np.float32))
-                back = np.argsort(np.argsort(r, kind="stable"), kind="stable")
-                x = x[torch.from_numpy(back)]
+                order = np.argsort(r, kind="stable")  # memmap reads in file order
+                x = torch.from_numpy(np.asarray(feats[r[order]], np.float32))
                 logits = head(x.reshape(-1, x.shape[-1])).float()
                 p = torch.softmax(logits, 1)[:, 1].reshape(len(r), n_views)
-                out[s:s + len(r)] = p.double().numpy()
+                out[s + order] = p.double().numpy()
     finally:
         head.train(was)
     return out

@@ -18,7 +18,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from model.core.errors import RunError
@@ -166,12 +165,9 @@ def read_oof(cv: CrossVal, source: PatchSource | None = None) -> pd.DataFrame:
     return df
 
 
-def view_columns(df: pd.DataFrame) -> list[str]:
-    """The per-view probability columns p_view0.. in view order."""
-    cols = [c for c in df.columns if c.startswith("p_view")]
+def view_columns(table) -> list[str]:
+    """The per-view probability columns p_view0.. of a DataFrame (or the fields of a row
+    Series), in view order."""
+    names = table.columns if isinstance(table, pd.DataFrame) else table.index
+    cols = [str(c) for c in names if str(c).startswith("p_view")]
     return sorted(cols, key=lambda c: int(c[len("p_view"):]))
-
-
-def view_probs(row) -> np.ndarray:
-    """The TTA views' probabilities of one OOF row (a Series)."""
-    return np.array([row[c] for c in view_columns(row.to_frame().T)], np.float64)
