@@ -20,6 +20,7 @@ from model.evaluation.embeddings import (
     embedding_map,
     load_embeddings,
     near_duplicate_pairs,
+    rows_in_region,
 )
 from model.evaluation.features import pooled
 from model.inspect import main as inspect_main
@@ -27,6 +28,7 @@ from model.nets.transforms import prepare
 from model.runs.format import save_weights
 from model.runs.load import load_run
 from model.training.config import DataConfig, SplitConfig
+from viewer import scatter
 
 
 @pytest.fixture
@@ -180,3 +182,30 @@ def test_training_option_keeps_duplicate_pairs_on_one_side(dup_folder, tmp_path)
     with pytest.raises(DataError, match="not a duplicates report"):
         prepare_new(cfg, lambda *_: None)
     assert isinstance(TrainConfig.from_dict(cfg.to_dict()), TrainConfig)
+
+
+def test_a_box_or_lasso_selects_all_points_inside_not_only_the_drawn_sample():
+    g = np.stack(np.meshgrid(np.arange(10.0), np.arange(10.0)), -1).reshape(-1, 2)  # 10×10
+    rows = rows_in_region(g, box=((2.5, 4.5), (7.5, 5.5)))  # corners in either order
+    assert sorted(map(tuple, g[rows])) == [(x, y) for x in (3.0, 4.0) for y in (6.0, 7.0)]
+    tri = rows_in_region(g, lasso=([-0.5, 4.0, -0.5], [-0.5, -0.5, 4.0]))  # x + y < 3.5
+    assert {tuple(p) for p in g[tri]} == {(x, y) for x in range(4) for y in range(4)
+                                          if x + y <= 3}
+    assert rows_in_region(g, lasso=([0, 1], [0, 1])).size == 0  # not a polygon
+    # the map's sample: small groups whole, the rest drawn at random up to POINTS_MAX
+    n = scatter.POINTS_MAX * 3
+    groups = pd.Series(np.where(np.arange(n) < 500, "incorrect", "correct"))
+    sample = scatter.sample_rows(groups, n)
+    assert len(sample) == scatter.POINTS_MAX and set(range(500)) <= set(sample.tolist())
+    assert np.all(np.diff(sample) > 0)
+
+
+def test_every_point_is_drawn_into_the_map_image_in_its_colour():
+    xy = np.array([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    rgb = np.array([[255, 0, 0], [0, 0, 255], [0, 0, 255], [0, 255, 0]], np.uint8)
+    img = np.asarray(scatter.raster(xy, rgb, (0.0, 1.0, 0.0, 1.0), size=(11, 11)))
+    assert tuple(img[10, 0, :3]) == (255, 0, 0)  # (0, 0): bottom left
+    assert tuple(img[0, 10, :3]) == (0, 0, 255) and tuple(img[5, 5, :3]) == (0, 255, 0)
+    assert img[0, 10, 3] > img[10, 0, 3] > 0  # two points there: more opaque
+    assert img[5, 8, 3] == 0  # glass between the dots stays transparent
+    assert (img[..., 3] > 0).sum() == 2 * 4 + 9  # 3×3 dots, two clipped to 2×2 at corners

@@ -67,6 +67,41 @@ def time_paging(page, n: int) -> None:
           ", ".join(f"{t:.2f} s" for t in times))
 
 
+def time_map(page, rounds: int) -> dict:
+    """Map page in one browser session: sidebar click -> every WebGL trace drawn and the app
+    idle, then a box drag over the middle of the map -> the selection grid shown. Seconds."""
+    nav = page.locator("[data-testid='stSidebarNavLink']")
+    out = {"open_s": [], "select_s": []}
+    for _ in range(rounds):
+        nav.filter(has_text="Browse").first.click()
+        wait_idle(page)
+        t0 = time.perf_counter()
+        nav.filter(has_text="Map").first.click()
+        page.wait_for_selector(".js-plotly-plot .nsewdrag", timeout=120000)
+        page.wait_for_function("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                               ".some(p => p._fullData && p._fullData.length > 0)",
+                               timeout=120000, polling=20)
+        out["open_s"].append(time.perf_counter() - t0 + wait_idle(page))
+        box = page.locator(".js-plotly-plot .nsewdrag").first.bounding_box()
+        t0 = time.perf_counter()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6,
+                        steps=6)
+        page.mouse.up()
+        page.get_by_text("Selection:").wait_for(timeout=120000)
+        page.wait_for_function(
+            "() => { const imgs = [...document.querySelectorAll(\"[data-testid='stImage'] img\")];"
+            " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+            timeout=120000, polling=20)
+        out["select_s"].append(time.perf_counter() - t0)
+        wait_idle(page)
+    print("map: open (nav click -> points drawn, app idle):",
+          ", ".join(f"{t:.2f} s" for t in out["open_s"]),
+          "| box selection -> grid of patches:", ", ".join(f"{t:.2f} s" for t in out["select_s"]))
+    return out
+
+
 def start_server(port: int, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.port", str(port),
            "--server.headless", "true"]
@@ -100,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--paging", type=int, default=0,
                     help="on Browse, click Next this many times and time each page")
+    ap.add_argument("--map-timing", type=int, default=0,
+                    help="after the pages, time opening the Map page and a box selection N times")
     ap.add_argument("--width", type=int, default=1500)
     ap.add_argument("--height", type=int, default=2400)
     args = ap.parse_args(argv)
@@ -134,6 +171,10 @@ def main(argv=None) -> int:
                       f"RSS {mem.get('rss_mb', float('nan')):6.0f} MB  -> {shot}")
                 if name == "browse" and args.paging:
                     time_paging(page, args.paging)
+            if args.map_timing:
+                report["map_timing"] = time_map(page, args.map_timing)
+                page.screenshot(path=str(args.out / f"{args.prefix}map-selection.png"),
+                                full_page=True)
             browser.close()
         report["viewer_peak_rss_mb"] = process_memory_mb(proc.pid).get("peak_rss_mb")
         print(f"viewer process peak RSS: {report['viewer_peak_rss_mb']:.0f} MB")

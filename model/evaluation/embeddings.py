@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.path import Path as Polygon
 
 from model.core.atomic import atomic_open, write_json
 from model.core.errors import DataError, PcamLensError
@@ -195,3 +196,17 @@ def near_duplicate_pairs(emb: Embeddings, threshold: float = 0.98, block: int = 
         keep = i < j
         pairs.append(np.stack([i[keep], j[keep], cos[i[keep] - s, j[keep]]], axis=1))
     return np.concatenate(pairs) if pairs else np.empty((0, 3))
+
+
+def rows_in_region(xy: np.ndarray, box: tuple[tuple[float, float], tuple[float, float]]
+                   | None = None, lasso: tuple[list[float], list[float]] | None = None
+                   ) -> np.ndarray:
+    """Rows of the map inside a box ((x0, x1), (y0, y1)) or a lasso polygon (xs, ys): a
+    selection made on a drawn sample of the points applies to all of them."""
+    if box is not None:
+        (x0, x1), (y0, y1) = (sorted(box[0]), sorted(box[1]))
+        inside = (xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)
+        return np.flatnonzero(inside)
+    if lasso is not None and len(lasso[0]) >= 3:
+        return np.flatnonzero(Polygon(np.column_stack(lasso)).contains_points(xy))
+    return np.zeros(0, np.int64)

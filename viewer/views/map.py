@@ -10,11 +10,13 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from PIL import Image
 
+from model.evaluation import embeddings
 from model.runs.format import read_config
 from model.runs.summary import belongs_to
 from viewer import components as ui
-from viewer import frame, preds, state
+from viewer import frame, preds, scatter, state
 
 COLOURS = ["label", "prediction", "correct / incorrect", "probability", "loss",
            "label quality", "review status", "data split"]
@@ -56,27 +58,43 @@ def _categories(c, t: pd.DataFrame, by: str) -> pd.Series | None:
     return None
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def _points_image(xy: np.ndarray, rgb: np.ndarray, box: tuple) -> Image.Image:
+    return scatter.raster(xy, rgb, box)
+
+
 def _figure(xy: np.ndarray, t: pd.DataFrame, cat: pd.Series | None, by: str) -> go.Figure:
+    """Scattergl markers of every point, or above scatter.POINTS_MAX: every point in an image
+    under a sample of markers (hover and selection; the page maps a box or lasso to rows)."""
     fig = go.Figure()
     # customdata = the row only: 220k ids and formatted numbers as strings would triple what
     # the browser receives; the hover shows the row, the selection grid shows the ids
     hover = "row %{customdata}<extra></extra>"
-    custom = t.index.to_numpy()
+    rows = scatter.sample_rows(cat, len(xy))
+    big = len(rows) < len(xy)
     if cat is not None:
+        codes, names = pd.factorize(cat)
+        rgb = np.array([scatter.hex_rgb(CATEGORY_COLOURS.get(n, "#7f7f7f")) for n in names],
+                       np.uint8)[codes]
         for name in sorted(cat.unique()):
-            m = (cat == name).to_numpy()
+            m = rows[(cat.to_numpy()[rows] == name)]
             fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=name,
-                                       customdata=custom[m], hovertemplate=hover,
+                                       customdata=m, hovertemplate=hover,
                                        marker=dict(size=3, color=CATEGORY_COLOURS.get(
                                            name, "#7f7f7f"), opacity=0.7)))
     else:
         col = {"probability": "prob", "loss": "loss", "label quality": "label_quality"}[by]
-        values = t[col] if col in t else pd.Series(np.nan, index=t.index)
-        fig.add_trace(go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", name=by,
-                                   customdata=custom, hovertemplate=hover,
-                                   marker=dict(size=3, color=values.to_numpy(float),
+        values = (t[col] if col in t else pd.Series(np.nan, index=t.index)).to_numpy(float)
+        lo, hi = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0, 1)
+        rgb = scatter.viridis_rgb(values, lo, hi)
+        fig.add_trace(go.Scattergl(x=xy[rows, 0], y=xy[rows, 1], mode="markers", name=by,
+                                   customdata=rows, hovertemplate=hover,
+                                   marker=dict(size=3, color=values[rows], cmin=lo, cmax=hi,
                                                colorscale="Viridis", showscale=True,
                                                opacity=0.7, colorbar=dict(title=by))))
+    if big:
+        box = scatter.bounds(xy)
+        scatter.image_layer(fig, _points_image(xy, rgb, box), box)
     fig.update_layout(dragmode="select", height=620, margin=dict(l=10, r=10, t=30, b=10),
                       legend=dict(itemsizing="constant"), xaxis=dict(visible=False),
                       yaxis=dict(visible=False))
@@ -96,10 +114,17 @@ def _compute(c) -> None:
     bar.empty()
 
 
-def _selected_rows(event) -> list[int]:
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
+def _selected_rows(event, xy: np.ndarray) -> list[int]:
+    """Rows of all points inside the boxes and lassos (the markers may be a sample; shift
+    adds a region), or the clicked markers' rows."""
+    sel = (event or {}).get("selection", {}) if event else {}
+    regions = [embeddings.rows_in_region(xy, box=(b["x"], b["y"])) for b in sel.get("box", [])]
+    regions += [embeddings.rows_in_region(xy, lasso=(g["x"], g["y"]))
+                for g in sel.get("lasso", [])]
+    if regions:
+        return np.unique(np.concatenate(regions)).tolist()
     rows = []
-    for p in points:
+    for p in sel.get("points", []):
         c = p.get("customdata")
         if c is not None:
             rows.append(int(c[0] if isinstance(c, list) else c))
@@ -131,10 +156,12 @@ def render(c) -> None:
                f"({emb.meta.get('dim')} PCA dimensions, "
                f"{emb.meta.get('explained_variance', 0):.0%} of the variance)"
                + (f" · predictions: {pset.origin}" if pset is not None else "")
+               + (f" · all points drawn, {scatter.POINTS_MAX:,} of them (a random sample, "
+                  "small groups whole) hoverable" if len(xy) > scatter.POINTS_MAX else "")
                + ". Box or lasso select (toolbar) to see the patches.")
     event = st.plotly_chart(_figure(xy, t, _categories(c, t, by), by), key="map_chart",
                             on_select="rerun", selection_mode=("box", "lasso", "points"))
-    rows = _selected_rows(event)
+    rows = _selected_rows(event, xy)
     if not rows:
         return
     st.subheader(f"Selection: {len(rows):,} patches" + (f" (first {GRID_MAX} shown)"
