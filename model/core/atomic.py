@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +180,71 @@ def can_create_files(folder: str | os.PathLike) -> bool:
     with contextlib.suppress(OSError):
         os.unlink(probe)
     return True
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside `path`; on success it replaces `path` (a whole result set
+    appears at once, and a killed job leaves no half-written result under `path`, only a
+    hidden `.<name>.<random>.tmp` folder that the next run removes)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX,
+                                    dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+    except OSError as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from None
+    try:
+        yield tmp
+        old = None
+        if path.exists():  # an older result: moved aside, then removed
+            old = path.parent / f".{path.name}.old{TMP_SUFFIX}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(e, path) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name beside `path` for a library that wants a name, not a file
+    object (tifffile); renamed over `path` on success, removed on failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_UMASK)
+    except OSError as e:
+        err = storage_error(e, path)
+        if err is None:
+            raise
+        raise err from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as g:
+            os.fsync(g.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        err = storage_error(e, path) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from None

@@ -256,3 +256,20 @@ class SyntheticSource(PatchSource):
     def describe_short(self) -> str:
         return (f"built-in SYNTHETIC PCam-like set (seed {self.seed}, {len(self)} patches, "
                 f"{int(self.labels.sum())} tumour)")
+
+
+def indices_of(seed: int, scenario: str, n: int, start: int = 0) -> np.ndarray:
+    """The first `n` patch indices >= `start` of set `seed` whose scenario is `scenario`
+    ("positive", "rim" or "clear"), without painting them (e.g. to compose a slide)."""
+    out: list[np.ndarray] = []
+    got, lo = 0, start
+    while got < n:
+        i = np.arange(lo, lo + 4 * (n - got) + 64)
+        u = _uniform(seed, i)
+        rim = (u >= P_POSITIVE) & ((u - P_POSITIVE) / (1 - P_POSITIVE) < P_RIM)
+        kind = {"positive": u < P_POSITIVE, "rim": rim,
+                "clear": (u >= P_POSITIVE) & ~rim}[scenario]
+        out.append(i[kind][:n - got])
+        got += len(out[-1])
+        lo = int(i[-1]) + 1
+    return np.concatenate(out)

@@ -264,6 +264,15 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                                                                   if tta > 1 else ""))
 
 
+def predict_batches(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *,
+                    tta: int = 1, progress: Progress = True, precision: str = "auto",
+                    device=None, compile: bool = False, desc: str = "predicting") -> np.ndarray:
+    """Like `predict_probs` for batches from elsewhere (e.g. the tiles of a slide):
+    (start, uint8 [B,H,W,3]) pairs covering rows 0..n-1; float64 [n]."""
+    return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
+                device=device, compile=compile, desc=desc)
+
+
 def _array_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     for s in range(0, len(x), batch_size):
         yield s, torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size]))
