@@ -5,6 +5,7 @@
     python -m model.bench --device cuda --train-archs resnet18,resnet50,densenet169 \
         --synthetic-n 220025 --compile             # GPU training throughput on a full-size set
     python -m model.bench --quick                  # tiny, seconds (the tests)
+    python -m model.bench --slide --run runs/<name>  # slide heatmaps vs the naive tile loop
     python -m model.bench --label-noise 0.1 --data ../shared/data/pcam-sample --out runs/ln
                                                    # the review-loop experiment (minutes)
 
@@ -17,12 +18,14 @@ import argparse
 from pathlib import Path
 
 from model.benchmarks.label_noise import NoiseConfig, run_label_noise, score_crossval
+from model.benchmarks.slide import bench_slide
 from model.benchmarks.suite import FULL_KAGGLE_N, Settings, default_data, format_report, run_bench
 from model.core.atomic import write_json
 from model.core.cli import run_cli
 from model.core.errors import DataError
 from model.nets.archs import DEFAULT_ARCH
 from model.oof.crossval import CVConfig
+from model.runs.load import load_run
 from model.training.config import ModelConfig, RuntimeConfig, TrainConfig
 
 
@@ -63,6 +66,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, metavar="N1,N2",
                    help="also measure peak RSS of predict_probs over these numbers of "
                         "synthetic patches (each in a fresh process)")
+    sl = p.add_argument_group("slide heatmap speed (instead of the speed rows)")
+    sl.add_argument("--slide", nargs="?", const="synthetic", default=None, metavar="PATH",
+                    help="time model.slide's path against the naive per-tile loop (default "
+                         "slide: the synthetic demo)")
+    sl.add_argument("--run", type=Path, default=None, help="the run for --slide")
+    sl.add_argument("--naive-tiles", type=int, default=256,
+                    help="tiles the naive loop runs (it is slow; default 256)")
     n = p.add_argument_group("label-noise experiment (instead of the speed rows)")
     n.add_argument("--label-noise", type=float, metavar="RATE",
                    help="flip this fraction of the labels and measure the review loop")
@@ -126,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         if args.score_cv is not None:
             print(score_crossval(args.out, args.score_cv).to_string(index=False))
+            return
+        if args.slide is not None:
+            if args.run is None:
+                raise DataError("--slide needs --run RUN (the model to time).",
+                                fix="Add --run runs/<name>.")
+            b = bench_slide(load_run(args.run), None if args.slide == "synthetic"
+                            else args.slide, naive_tiles=args.naive_tiles)
+            print(b.report())
+            if args.json:
+                write_json(args.json, {**b.__dict__, "speedup": b.speedup,
+                                       "of_model": b.of_model})
             return
         if args.label_noise is not None:
             run_label_noise(noise_config(args))

@@ -11,7 +11,7 @@ PACKAGES = ("model", "viewer")
 # model/'s layers, lowest first: a module may import its own layer and the ones below.
 # The command-line entry modules (model/<tool>.py) sit above every layer.
 LAYERS = ["core", "data", "nets", "review", "evaluation.metrics", "training.config", "runs",
-          "evaluation", "training", "oof", "benchmarks"]
+          "evaluation", "training", "oof", "slides", "benchmarks"]
 
 
 def _module_name(path: Path) -> str:

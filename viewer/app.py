@@ -32,7 +32,8 @@ PAGES = [("browse.py", "Browse", ":material/grid_view:"),
          ("metrics.py", "Metrics", ":material/analytics:"),
          ("gradcam.py", "Grad-CAM", ":material/local_fire_department:"),
          ("review.py", "Review", ":material/rate_review:"),
-         ("inference.py", "Inference", ":material/batch_prediction:")]
+         ("inference.py", "Inference", ":material/batch_prediction:"),
+         ("slide.py", "Slide", ":material/biotech:")]
 SPLITS = ["train", "test"]
 
 

@@ -52,22 +52,22 @@ def _scenario(seed: int, i: int) -> str:
     return "rim" if (u - P_POSITIVE) / (1 - P_POSITIVE) < P_RIM else "clear"
 
 
-def _smooth_noise(rng: np.random.Generator, cells: int) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, cells: int, size: int = PATCH) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: a coarse random grid upsampled bicubically."""
     grid = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
-    return cv2.resize(grid, (PATCH, PATCH), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _fibres(rng: np.random.Generator) -> np.ndarray:
+def _fibres(rng: np.random.Generator, size: int = PATCH) -> np.ndarray:
     """Collagen-like streaks: a coarse noise grid stretched ~8x along a random direction.
     One inverse-mapped warpAffine does the stretch and the rotation (cheap, no big noise)."""
-    grid = rng.random((PATCH, PATCH // 6), np.float32)  # rows: across fibres, cols: along
+    grid = rng.random((size, size // 6), np.float32)  # rows: across fibres, cols: along
     ang, stretch = rng.uniform(0, np.pi), rng.uniform(6, 12)
     c, s = np.cos(ang), np.sin(ang)
     # dst (x, y) -> src (col, row): along-fibre axis compressed by `stretch`
     m = np.array([[c / stretch, s / stretch, 0], [-s, c, 0]], np.float32)
-    m[:, 2] = np.array([grid.shape[1], grid.shape[0]]) / 2 - m[:, :2] @ [PATCH / 2, PATCH / 2]
-    out = cv2.warpAffine(grid, m, (PATCH, PATCH), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    m[:, 2] = np.array([grid.shape[1], grid.shape[0]]) / 2 - m[:, :2] @ [size / 2, size / 2]
+    out = cv2.warpAffine(grid, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_REFLECT)
     return (out - 0.5) * 3.5  # roughly unit variance
 
@@ -114,15 +114,18 @@ def _outside_centre(centres: np.ndarray, reach: np.ndarray) -> np.ndarray:
 # of the calls below (or of the draws inside them) changes every patch of every data set.
 
 
-def _stroma(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stroma(rng: np.random.Generator, size: int = PATCH
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Eosin with slow density changes and fibres, a little haematoxylin background, and white
-    gaps (fat vacuoles, tears): (eosin, haematoxylin, tissue mask)."""
-    density = _smooth_noise(rng, 5)
-    eos = 0.42 + 0.14 * density + rng.uniform(0.04, 0.11) * _fibres(rng)
+    gaps (fat vacuoles, tears): (eosin, haematoxylin, tissue mask). A `size` above PATCH
+    paints a larger field with the same statistics per area (slides)."""
+    area = (size // PATCH) ** 2
+    density = _smooth_noise(rng, 5 * size // PATCH, size)
+    eos = 0.42 + 0.14 * density + rng.uniform(0.04, 0.11) * _fibres(rng, size)
     hem = 0.06 + 0.025 * density
-    tissue = np.ones((PATCH, PATCH), np.float32)
-    for _ in range(rng.integers(0, 4)):
-        c = tuple(int(v) for v in rng.integers(0, PATCH, 2))
+    tissue = np.ones((size, size), np.float32)
+    for _ in range(rng.integers(0, 4 * area)):
+        c = tuple(int(v) for v in rng.integers(0, size, 2))
         ax = tuple(int(v) for v in rng.integers(3, 12, 2))
         cv2.ellipse(tissue, c, ax, float(rng.uniform(0, 180)), 0, 360, 0.0, -1)
     return eos, hem, tissue
@@ -134,17 +137,39 @@ def _lymphocytes(rng: np.random.Generator, hem: np.ndarray) -> np.ndarray:
     aggregate, often central, so that "purple blob in the middle" is not tumour by itself.
     Impulses blurred by a Gaussian and thresholded give round discs whose radius follows each
     impulse's height."""
-    n_lym = int(rng.integers(15, 140))
-    xy = rng.uniform(0, PATCH, (n_lym, 2))
-    if rng.random() < 0.5:  # aggregate: a jittered lattice keeps its nuclei distinct
-        d = np.hypot(*(_LATTICE - rng.uniform(20, PATCH - 20, 2)).T) / rng.uniform(14, 30)
-        keep = rng.random(len(_LATTICE)) < 0.8 * np.exp(-d * d)
-        xy = np.concatenate([xy, _LATTICE[keep] + rng.uniform(-1.3, 1.3, (keep.sum(), 2))])
-    xy = np.clip(xy, 0, PATCH - 1).astype(np.intp)
-    imp = np.zeros((PATCH, PATCH), np.float32)
+    size = hem.shape[0]
+    if size == PATCH:
+        n_lym = int(rng.integers(15, 140))
+        xy = rng.uniform(0, PATCH, (n_lym, 2))
+        if rng.random() < 0.5:  # aggregate: a jittered lattice keeps its nuclei distinct
+            d = np.hypot(*(_LATTICE - rng.uniform(20, PATCH - 20, 2)).T) / rng.uniform(14, 30)
+            keep = rng.random(len(_LATTICE)) < 0.8 * np.exp(-d * d)
+            xy = np.concatenate([xy, _LATTICE[keep] + rng.uniform(-1.3, 1.3, (keep.sum(), 2))])
+    else:
+        xy = _field_lymphocytes(rng, size)
+    xy = np.clip(xy, 0, size - 1).astype(np.intp)
+    imp = np.zeros((size, size), np.float32)
     imp[xy[:, 1], xy[:, 0]] = rng.uniform(1.6, 4.0, len(xy))  # -> radius about 2..3 px
     disc = np.clip((cv2.GaussianBlur(imp, (0, 0), 1.5) * 14.15 - 0.45) * 2.5, 0, 1)
     return np.maximum(hem, disc * rng.uniform(1.1, 1.5))
+
+
+def _field_lymphocytes(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Lymphocyte centres over a field larger than a patch: the per-patch density range of
+    `_lymphocytes`, varying smoothly across the field, and aggregates at the per-patch rate."""
+    area = (size / PATCH) ** 2
+    density = 15 + 125 * (0.5 + 0.5 * _smooth_noise(rng, max(2, size // 192), size))
+    cand = rng.uniform(0, size, (int(140 * area), 2))
+    keep = rng.random(len(cand)) < density[cand[:, 1].astype(int), cand[:, 0].astype(int)] / 140
+    pts = [cand[keep]]
+    grid = np.arange(3, size, 6.0)
+    lattice = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+    for _ in range(rng.poisson(0.5 * area)):
+        d = np.hypot(*(lattice - rng.uniform(20, size - 20, 2)).T) / rng.uniform(14, 30)
+        near = d < 3
+        keep = rng.random(int(near.sum())) < 0.8 * np.exp(-d[near] ** 2)
+        pts.append(lattice[near][keep] + rng.uniform(-1.3, 1.3, (int(keep.sum()), 2)))
+    return np.concatenate(pts)
 
 
 def _tumour_clusters(rng: np.random.Generator, scenario: str) -> list:
@@ -165,7 +190,8 @@ def _tumour_cells(rng: np.random.Generator, scenario: str, clusters: list, eos: 
                   hem: np.ndarray, tissue: np.ndarray):
     """Pleomorphic pale nuclei with a cytoplasm halo and prominent nucleoli, painted over the
     stroma: (tumour mask, eosin, haematoxylin, tissue)."""
-    mask = np.zeros((PATCH, PATCH), np.uint8)
+    size = hem.shape[0]
+    mask = np.zeros((size, size), np.uint8)
     if not clusters:
         return mask, eos, hem, tissue
     centres = np.concatenate([c for c, _ in clusters])
@@ -196,23 +222,26 @@ def _tumour_cells(rng: np.random.Generator, scenario: str, clusters: list, eos: 
             cv2.circle(nuclei, tuple(int(v) for v in (centres[k] + off) * 4), 5,
                        float(dark) + 0.9, -1, cv2.LINE_AA, shift=2)
     # vesicular chromatin: coarse clumps inside the pale nucleus
-    chrom = 0.7 + 0.6 * cv2.resize(rng.random((PATCH // 2, PATCH // 2), np.float32),
-                                   (PATCH, PATCH), interpolation=cv2.INTER_LINEAR)
+    chrom = 0.7 + 0.6 * cv2.resize(rng.random((size // 2, size // 2), np.float32),
+                                   (size, size), interpolation=cv2.INTER_LINEAR)
     return mask, eos, np.maximum(hem, nuclei * chrom), tissue
 
 
-def _optics(rng: np.random.Generator, hem: np.ndarray, eos: np.ndarray, tissue: np.ndarray
-            ) -> np.ndarray:
+def _optics(rng: np.random.Generator, hem: np.ndarray, eos: np.ndarray, tissue: np.ndarray,
+            stain: tuple | None = None) -> np.ndarray:
     """Slight blur, per-patch stain jitter, Beer-Lambert, sensor noise: uint8 RGB. One
-    cv2.transform maps the (H, E) concentrations to log-intensity per RGB channel."""
+    cv2.transform maps the (H, E) concentrations to log-intensity per RGB channel. `stain`
+    (h_vec, e_vec, brightness) replaces the drawn jitter (one stain across a slide)."""
     stains = cv2.merge([hem * tissue, np.clip(eos, 0.05, None) * tissue])
     stains = cv2.GaussianBlur(stains, (0, 0), rng.uniform(0.6, 1.0))
     h_vec = np.clip(_H_VEC + rng.normal(0, 0.06, 3), 0.05, None) * rng.uniform(0.7, 1.3)
     e_vec = np.clip(_E_VEC + rng.normal(0, 0.05, 3), 0.05, None) * rng.uniform(0.7, 1.4)
     brightness = np.log(255.0 * rng.uniform(0.88, 1.0))
+    if stain is not None:
+        h_vec, e_vec, brightness = stain
     rgb = cv2.exp(cv2.transform(stains, np.c_[-h_vec, -e_vec, np.full(3, brightness)]))
     # sensor noise, shared by the channels (one draw per pixel keeps it cheap)
-    rgb += (rng.random((PATCH, PATCH, 1), np.float32) - 0.5) * rng.uniform(6, 14)
+    rgb += (rng.random((*hem.shape, 1), np.float32) - 0.5) * rng.uniform(6, 14)
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
@@ -227,6 +256,33 @@ def make_patch(seed: int, i: int) -> tuple[np.ndarray, np.ndarray, int]:
     image = _optics(rng, hem, eos, tissue)
     mask = mask.astype(bool)
     return image, mask, int(mask[_LO:_HI, _LO:_HI].any())
+
+
+def slide_stain(rng: np.random.Generator) -> tuple:
+    """One stain (h_vec, e_vec, brightness) for a whole synthetic slide, jittered like a
+    patch's."""
+    h_vec = np.clip(_H_VEC + rng.normal(0, 0.04, 3), 0.05, None) * rng.uniform(0.85, 1.15)
+    e_vec = np.clip(_E_VEC + rng.normal(0, 0.03, 3), 0.05, None) * rng.uniform(0.85, 1.2)
+    return h_vec, e_vec, np.log(255.0 * rng.uniform(0.92, 0.98))
+
+
+def paint_field(rng: np.random.Generator, size: int, tumour_at: np.ndarray, stain: tuple
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A square field of `size` px (a multiple of PATCH) painted like the patches, with one
+    tumour cell cluster around each (x, y) of `tumour_at`, for whole synthetic slides:
+    (uint8 RGB [size, size, 3], bool tumour mask). Same steps and statistics per area as
+    `make_patch`, so a 96 px window of a field looks like a patch to a model trained on
+    them, without the seams a mosaic of patches has."""
+    eos, hem, tissue = _stroma(rng, size)
+    hem = _lymphocytes(rng, hem)
+    clusters = []
+    for c in np.asarray(tumour_at, np.float64).reshape(-1, 2):
+        m = int(rng.integers(3, 16))
+        centres = c + rng.normal(0, rng.uniform(6, 16), (m, 2))
+        centres[0] = c
+        clusters.append((centres, rng.uniform(4.0, 6.5, m)))
+    mask, eos, hem, tissue = _tumour_cells(rng, "positive", clusters, eos, hem, tissue)
+    return _optics(rng, hem, eos, tissue, stain), mask.astype(bool)
 
 
 class SyntheticSource(PatchSource):
@@ -257,19 +313,3 @@ class SyntheticSource(PatchSource):
         return (f"built-in SYNTHETIC PCam-like set (seed {self.seed}, {len(self)} patches, "
                 f"{int(self.labels.sum())} tumour)")
 
-
-def indices_of(seed: int, scenario: str, n: int, start: int = 0) -> np.ndarray:
-    """The first `n` patch indices >= `start` of set `seed` whose scenario is `scenario`
-    ("positive", "rim" or "clear"), without painting them (e.g. to compose a slide)."""
-    out: list[np.ndarray] = []
-    got, lo = 0, start
-    while got < n:
-        i = np.arange(lo, lo + 4 * (n - got) + 64)
-        u = _uniform(seed, i)
-        rim = (u >= P_POSITIVE) & ((u - P_POSITIVE) / (1 - P_POSITIVE) < P_RIM)
-        kind = {"positive": u < P_POSITIVE, "rim": rim,
-                "clear": (u >= P_POSITIVE) & ~rim}[scenario]
-        out.append(i[kind][:n - got])
-        got += len(out[-1])
-        lo = int(i[-1]) + 1
-    return np.concatenate(out)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from model.core.atomic import write_csv, write_json
 from model.core.errors import DataError, PcamLensError
+from model.runs.load import weights_path
 from model.slides.geometry import SlideGrid
 from model.slides.heatmap import SlideConfig, compute_heatmap, summarise
 from model.slides.outputs import (
@@ -44,9 +45,29 @@ def default_out(run_dir: Path, slide_path: Path) -> Path:
     return Path(run_dir) / "slides" / folder_name(slide_path)
 
 
-def run_meta(loaded) -> dict:
-    return {"run_dir": str(Path(loaded.run_dir).resolve()), "checkpoint": loaded.checkpoint,
-            "checkpoint_mtime": loaded.checkpoint_mtime}
+def run_meta(run_dir: Path, checkpoint: str = "best") -> dict:
+    """The run's weights a heatmap was made with (known without loading them)."""
+    path = weights_path(Path(run_dir), checkpoint)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = None
+    return {"run_dir": str(Path(run_dir).resolve()), "checkpoint": path.stem,
+            "checkpoint_mtime": mtime}
+
+
+def find_result(run_dir: Path, checkpoint: str, slide_path, cfg: SlideConfig,
+                out: Path | None = None) -> SlideResult | None:
+    """The finished heatmap of this run, slide and settings, if there is one (no model is
+    loaded: the viewer asks this on every rerun)."""
+    slide = open_slide(slide_path, mpp=cfg.mpp)
+    try:
+        out = Path(out) if out is not None else default_out(run_dir, slide.path)
+        res = read_result(out)
+        key = result_key(slide, run_meta(run_dir, checkpoint), cfg.result_key())
+        return res if res is not None and res.meta.get("key") == key else None
+    finally:
+        slide.close()
 
 
 def heatmap_job(loaded, slide_path, cfg: SlideConfig, out: Path | None = None,
@@ -56,7 +77,7 @@ def heatmap_job(loaded, slide_path, cfg: SlideConfig, out: Path | None = None,
     slide = open_slide(slide_path, mpp=cfg.mpp)
     try:
         out = Path(out) if out is not None else default_out(loaded.run_dir, slide.path)
-        key = result_key(slide, run_meta(loaded), cfg.result_key())
+        key = result_key(slide, run_meta(loaded.run_dir, loaded.checkpoint), cfg.result_key())
         old = read_result(out) if reuse else None
         if old is not None and old.meta.get("key") == key:
             if old.summary.get("threshold") != cfg.threshold:
@@ -64,7 +85,8 @@ def heatmap_job(loaded, slide_path, cfg: SlideConfig, out: Path | None = None,
             return old, True
         stats = ReadStats()
         hm = compute_heatmap(loaded, slide, cfg, progress=progress, stats=stats)
-        meta = {"key": key, "run": run_meta(loaded), "settings": cfg.result_key(),
+        meta = {"key": key, "run": run_meta(loaded.run_dir, loaded.checkpoint),
+                "settings": cfg.result_key(),
                 "backend": {"device": str(cfg.device or "auto"), "precision": cfg.precision},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return write_result(out, hm, slide, summarise(hm, cfg.threshold, slide), meta,

@@ -82,11 +82,14 @@ def read_result(out: Path) -> SlideResult | None:
 def colour_cells(probs: np.ndarray, shape: tuple[int, int], alpha: float = 0.5,
                  threshold: float | None = None) -> np.ndarray:
     """RGBA uint8 [h, w, 4]: the cells upsampled to `shape`, coloured (turbo: blue 0 to red
-    1), transparent where NaN or below `threshold`."""
+    1; opacity `alpha` at p = 1, 0.3 alpha at p = 0), transparent where NaN or below
+    `threshold`."""
     h, w = shape
     big = cv2.resize(np.nan_to_num(probs, nan=-1.0), (w, h), interpolation=cv2.INTER_NEAREST)
     rgb = cv2.applyColorMap((np.clip(big, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
-    out = np.dstack([rgb[..., ::-1], np.full((h, w), int(alpha * 255), np.uint8)])
+    # opacity rises with the probability: tissue the model calls benign stays visible
+    a = alpha * (0.3 + 0.7 * np.clip(big, 0, 1)) * 255
+    out = np.dstack([rgb[..., ::-1], a.astype(np.uint8)])
     hide = big < 0 if threshold is None else big < threshold
     out[hide, 3] = 0
     return out
@@ -184,3 +187,42 @@ def write_result(out: Path, hm: SlideHeatmap, slide: Slide, summary: dict, meta:
         write_json(tmp / "heatmap.json", meta, fsync=False)
         write_json(tmp / "summary.json", summary, fsync=False)
     return SlideResult(dir=out, probs=hm.probs, meta=meta, summary=summary)
+
+
+def region_view(slide: Slide, probs: np.ndarray, grid: SlideGrid,
+                box0: tuple[float, float, float, float], max_px: int = 1400,
+                alpha: float = 0.4, threshold: float | None = None
+                ) -> tuple[np.ndarray, tuple[int, int, int, int], float]:
+    """A crop of the slide with the heatmap over it, read from the coarsest pyramid level
+    that still shows the crop at `max_px` (so that any zoom reads about max_px² pixels):
+    (RGB, the crop's level-0 box (x0, y0, x1, y1), level-0 px per output px)."""
+    w0, h0 = slide.dimensions
+    x0, y0 = max(int(box0[0]), 0), max(int(box0[1]), 0)
+    x1, y1 = min(int(np.ceil(box0[2])), w0), min(int(np.ceil(box0[3])), h0)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"empty region {box0}")
+    want = max(x1 - x0, y1 - y0) / max_px  # level-0 px per output px
+    level = max((k for k, d in enumerate(slide.level_downsamples) if d <= max(want, 1)),
+                default=0)
+    ds = slide.level_downsamples[level]
+    rw, rh = max(1, round((x1 - x0) / ds)), max(1, round((y1 - y0) / ds))
+    rgb = slide.read(level, x0, y0, rw, rh)
+    scale = max(want, 1.0)
+    ow, oh = max(1, round((x1 - x0) / scale)), max(1, round((y1 - y0) / scale))
+    if (ow, oh) != (rw, rh):
+        rgb = cv2.resize(rgb, (ow, oh), interpolation=cv2.INTER_AREA)
+    # the cells over the crop, upsampled to its pixels
+    c0, r0 = int(x0 // grid.cell0), int(y0 // grid.cell0)
+    c1 = min(int(np.ceil(x1 / grid.cell0)), grid.cols)
+    r1 = min(int(np.ceil(y1 / grid.cell0)), grid.rows)
+    part = probs[r0:r1, c0:c1]
+    cw = round((c1 - c0) * grid.cell0 / scale)
+    ch = round((r1 - r0) * grid.cell0 / scale)
+    layer = colour_cells(part, (max(ch, 1), max(cw, 1)), alpha, threshold)
+    ox, oy = round((x0 - c0 * grid.cell0) / scale), round((y0 - r0 * grid.cell0) / scale)
+    layer = layer[oy:oy + oh, ox:ox + ow]
+    pad = np.zeros((oh, ow, 4), np.uint8)
+    pad[:layer.shape[0], :layer.shape[1]] = layer
+    a = pad[..., 3:4].astype(np.float32) / 255
+    out = (rgb * (1 - a) + pad[..., :3] * a).astype(np.uint8)
+    return out, (x0, y0, x1, y1), scale

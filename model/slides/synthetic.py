@@ -31,13 +31,14 @@ import tifffile
 from model.core.atomic import atomic_open, atomic_path, write_json
 from model.core.errors import DataError
 from model.core.paths import cache_base
-from model.data.base import CENTRE, PATCH
-from model.data.synthetic import indices_of, make_patch
+from model.data.base import CENTRE
+from model.data.synthetic import paint_field, slide_stain
 from model.slides.geometry import PCAM_MPP
 
+VERSION = 2  # of the painter: a cached slide of another version is not reused
 DEFAULT_SIZE = 8192  # 8 mm square at 10x: about 30,000 tissue tiles
 TILE = 256
-STRIP = 768  # lcm(PATCH, TILE): whole blocks and whole TIFF tiles per strip
+STRIP = 768  # rows painted at once, in square fields of this side (a multiple of TILE)
 LEVELS = (1, 2, 4, 8)
 GLASS_RGB = np.array([243, 241, 245], np.float32)
 SLIDE_SEED_OFFSET = 1000  # the slide's patches come from sets no training run uses
@@ -91,17 +92,26 @@ def _place_regions(rng: np.random.Generator, field: np.ndarray, size: int, mpp: 
     return regions
 
 
-def _region_at(regions: list[dict], x: float, y: float, wobble) -> int:
+def _wobble(q: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A region's radius factor by direction: irregular, not a disc."""
+    a = np.arctan2(y - q["centre_px"][1], x - q["centre_px"][0])
+    return 1 + 0.18 * (np.sin(3 * a + q["id"]) * 0.6 + np.sin(5 * a + 2 * q["id"]) * 0.4)
+
+
+def _region_of(regions: list[dict], x: np.ndarray, y: np.ndarray, grow: float = 0.0
+               ) -> np.ndarray:
+    """int16 region id (0 = none) at the points (x, y), each region grown by `grow` px."""
+    out = np.zeros(np.shape(x), np.int16)
     for q in regions:
         d = np.hypot(x - q["centre_px"][0], y - q["centre_px"][1])
-        if d <= q["radius_px"] * (1 + 0.18 * wobble(q, x, y)) + PATCH * 0.5 * (q["class"] == "itc"):
-            return q["id"]
-    return 0
+        out[(out == 0) & (d <= q["radius_px"] * _wobble(q, x, y) + grow)] = q["id"]
+    return out
 
 
 def _paint_strip(y0: int, size: int, seed: int, field: np.ndarray, regions: list[dict],
-                 pools: dict, cells: np.ndarray) -> np.ndarray:
-    """uint8 [STRIP, size, 3] of slide rows [y0, y0 + STRIP); fills `cells` (truth)."""
+                 stain: tuple, cells: np.ndarray) -> np.ndarray:
+    """uint8 [STRIP, size, 3] of slide rows [y0, y0 + STRIP), painted in STRIP-px fields;
+    fills `cells` (truth) with the region id of every cell holding a tumour pixel."""
     low = field.shape[0]
     h = min(STRIP, size - y0)
     # the tissue's soft edge at pixel resolution
@@ -112,31 +122,29 @@ def _paint_strip(y0: int, size: int, seed: int, field: np.ndarray, regions: list
     alpha = np.clip(alpha / 0.03, 0, 1)[..., None]
     strip = np.broadcast_to(GLASS_RGB, (h, size, 3)).copy()
     strip += np.random.default_rng([seed, y0]).normal(0, 2.0, (h, size, 1)).astype(np.float32)
-
-    def wobble(q, x, y):
-        a = np.arctan2(y - q["centre_px"][1], x - q["centre_px"][0])
-        return np.sin(3 * a + q["id"]) * 0.6 + np.sin(5 * a + 2 * q["id"]) * 0.4
-
-    for by in range(0, h, PATCH):
-        for bx in range(0, size, PATCH):
-            ph, pw = min(PATCH, h - by), min(PATCH, size - bx)
-            a = alpha[by:by + ph, bx:bx + pw]
-            if a.max() == 0:
-                continue
-            cx, cy = bx + PATCH / 2, y0 + by + PATCH / 2
-            region = _region_at(regions, cx, cy, wobble)
-            kind = "positive" if region else "clear"
-            i = pools[kind][pools["next"][kind] % len(pools[kind])]
-            pools["next"][kind] += 1
-            rgb, mask, _ = make_patch(pools["seed"], int(i))
-            part = rgb[:ph, :pw].astype(np.float32)
-            strip[by:by + ph, bx:bx + pw] = part * a + strip[by:by + ph, bx:bx + pw] * (1 - a)
-            if region:
-                tum = mask[:ph, :pw] & (a[..., 0] > 0.5)
-                for cy_ in range(0, ph, CENTRE):
-                    for cx_ in range(0, pw, CENTRE):
-                        if tum[cy_:cy_ + CENTRE, cx_:cx_ + CENTRE].any():
-                            cells[(y0 + by + cy_) // CENTRE, (bx + cx_) // CENTRE] = region
+    for x0 in range(0, size, STRIP):
+        w = min(STRIP, size - x0)
+        a = alpha[:, x0:x0 + w]
+        if a.max() == 0:
+            continue
+        rng = np.random.default_rng([seed, y0, x0])
+        # tumour: clusters on a jittered 30 px grid inside the regions (a solid metastasis)
+        g = np.arange(15.0, STRIP, 30.0)
+        gx, gy = [v.ravel() for v in np.meshgrid(g, g)]
+        gx, gy = gx + rng.uniform(-6, 6, gx.size), gy + rng.uniform(-6, 6, gy.size)
+        inside = _region_of(regions, gx + x0, gy + y0) > 0
+        rgb, mask = paint_field(rng, STRIP, np.column_stack([gx, gy])[inside], stain)
+        part = rgb[:h, :w].astype(np.float32)
+        strip[:, x0:x0 + w] = part * a + strip[:, x0:x0 + w] * (1 - a)
+        tum = mask[:h, :w] & (a[..., 0] > 0.5)
+        if tum.any():
+            ch, cw = -(-h // CENTRE), -(-w // CENTRE)
+            pad = np.zeros((ch * CENTRE, cw * CENTRE), bool)
+            pad[:h, :w] = tum
+            hit = pad.reshape(ch, CENTRE, cw, CENTRE).any(axis=(1, 3))
+            r, c = np.nonzero(hit)
+            cx, cy = (c + 0.5) * CENTRE + x0, (r + 0.5) * CENTRE + y0
+            cells[y0 // CENTRE + r, x0 // CENTRE + c] = _region_of(regions, cx, cy, grow=60)
     return np.clip(strip, 0, 255).astype(np.uint8)
 
 
@@ -163,18 +171,14 @@ def write_synthetic_slide(path: Path, size: int = DEFAULT_SIZE, seed: int = 0,
     low = max(256, size // 16)
     field = _tissue_field(rng, size, low)
     regions = _place_regions(rng, field, size, PCAM_MPP)
-    pset = SLIDE_SEED_OFFSET + seed
-    n_blocks = (size // PATCH + 1) ** 2
-    pools = {"seed": pset, "positive": indices_of(pset, "positive", min(n_blocks, 20000)),
-             "clear": indices_of(pset, "clear", min(n_blocks, 20000)),
-             "next": {"positive": 0, "clear": 0}}
+    stain = slide_stain(rng)
     cells = np.zeros((-(-size // CENTRE), -(-size // CENTRE)), np.int16)
     reduced = {f: np.zeros((-(-size // f), -(-size // f), 3), np.uint8) for f in LEVELS[1:]}
     res = (1e4 / PCAM_MPP, 1e4 / PCAM_MPP)  # pixels per centimetre
 
     def level0_tiles():
         for y0 in range(0, size, STRIP):
-            strip = _paint_strip(y0, size, seed, field, regions, pools, cells)
+            strip = _paint_strip(y0, size, SLIDE_SEED_OFFSET + seed, field, regions, stain, cells)
             for f, arr in reduced.items():
                 small = cv2.resize(strip, (-(-size // f), -(-strip.shape[0] // f)),
                                    interpolation=cv2.INTER_AREA)
@@ -215,11 +219,16 @@ def read_truth(path: Path) -> SlideTruth | None:
     return SlideTruth(cells=cells, regions=meta["regions"])
 
 
+def synthetic_slide_path(size: int = DEFAULT_SIZE, seed: int = 0, folder: Path | None = None
+                         ) -> Path:
+    folder = Path(folder) if folder is not None else cache_base() / "slides"
+    return folder / f"synthetic-v{VERSION}-{size}-seed{seed}.tiff"
+
+
 def synthetic_slide(size: int = DEFAULT_SIZE, seed: int = 0, folder: Path | None = None,
                     log=None) -> tuple[Path, SlideTruth]:
     """The cached synthetic slide of (size, seed), made on first use."""
-    folder = Path(folder) if folder is not None else cache_base() / "slides"
-    path = folder / f"synthetic-{size}-seed{seed}.tiff"
+    path = synthetic_slide_path(size, seed, folder)
     truth = read_truth(path) if path.exists() else None
     if truth is None:
         truth = write_synthetic_slide(path, size, seed, log=log)

@@ -140,3 +140,30 @@ def naive_tiles(slide: Slide, grid: SlideGrid, order: np.ndarray
     `model.bench --slide` to compare against."""
     for r, c in order:
         yield read_block(slide, grid, int(r), int(c), 1, 1)
+
+
+def tile_id(slide: Slide, grid: SlideGrid, r: int, c: int) -> str:
+    """A slide patch's id for the review log: slide file, level read, level-0 top left and
+    side of the 96 px tile (`read_tile_id` reads it back)."""
+    x0 = round((c * grid.stride - grid.rim) * grid.factor)
+    y0 = round((r * grid.stride - grid.rim) * grid.factor)
+    return f"{slide.path.name}:L{grid.level}:x{x0}:y{y0}:w{round(grid.patch * grid.factor)}"
+
+
+def parse_tile_id(tid: str) -> tuple[str, int, int, int, int]:
+    """(slide file name, level, x0, y0, side in level-0 px) of a `tile_id`."""
+    name, level, x, y, w = tid.rsplit(":", 4)
+    if not (level[0], x[0], y[0], w[0]) == ("L", "x", "y", "w"):
+        raise ValueError(f"not a slide tile id: {tid!r}")
+    return name, int(level[1:]), int(x[1:]), int(y[1:]), int(w[1:])
+
+
+def read_tile_id(slide: Slide, tid: str, patch: int = 96) -> np.ndarray:
+    """uint8 [patch, patch, 3]: the tile a `tile_id` names, read again from its slide."""
+    name, level, x0, y0, w0 = parse_tile_id(tid)
+    ds = slide.level_downsamples[level]
+    side = max(1, round(w0 / ds))
+    region = slide.read(level, x0, y0, side, side)
+    if side == patch:
+        return region
+    return cv2.resize(region, (patch, patch), interpolation=cv2.INTER_AREA)
