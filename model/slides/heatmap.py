@@ -36,7 +36,7 @@ class SlideConfig:
     stride: int = 32
     threshold: float = 0.5
     tta: int = 1
-    min_tissue: float = 0.05  # share of a cell's centre box that must be tissue
+    min_tissue: float = 0.05  # share of a cell's centre box that must be tissue; 0 = all cells
     mpp: float | None = None  # µm/px of level 0, overriding the slide's own
     batch_size: int = 256
     precision: str = "auto"
@@ -86,7 +86,8 @@ def tissue_cells(slide: Slide, grid: SlideGrid, min_tissue: float
     thumb, ds = slide.thumbnail(thumb_side(slide, grid))
     tissue = detect_tissue(thumb, ds, slide.mpp)
     frac = tissue.cell_fraction(grid)
-    cells = np.argwhere(frac >= max(min_tissue, 1e-6))
+    # min_tissue 0: every cell of the slide, tissue or not (a faint stain the mask misses)
+    cells = np.argwhere(frac >= min_tissue) if min_tissue > 0 else np.argwhere(frac >= -1)
     if len(cells) == 0:
         raise DataError(f"No tissue found on {slide.path} (saturation threshold "
                         f"{tissue.threshold}/255 on a {thumb.shape[1]}x{thumb.shape[0]} "
