@@ -33,7 +33,7 @@ PAGES = [("Browse", "Browse patches", "browse"), ("Dataset", "Dataset", "dataset
          ("Map", "Map", "map-empty"),
          ("Runs", "Runs", "runs"), ("Metrics", "Metrics", "metrics"),
          ("Grad-CAM", "Grad-CAM", "gradcam"), ("Review", "Review", "review"),
-         ("Inference", "Inference", "inference")]
+         ("Inference", "Inference", "inference"), ("Slide", "Slide", "slide-empty")]
 TINY_ARGS = ["--no-pretrained", "--arch", "resnet18", "--data", "synthetic:n=96", "--no-checks",
              "--no-lr-find", "--frozen-epochs", "0", "--epochs", "1", "--bs", "32",
              "--seed", "0", "--workers", "0"]
@@ -364,3 +364,53 @@ def test_map_box_selection_fills_the_grid(page, server):
     assert_no_error(page, server, "Map selection")
     assert main.get_by_role("button", name="details").count() >= 1
     screenshot(page, "map")
+
+
+def test_slide_heatmap_zoom_and_a_cell_to_review(page, server, shared_data):
+    """Slide: the real SVS through the background job, the heatmap over the slide, a box
+    zooms in at full resolution, a box on a cell opens its patch (Grad-CAM too), and the
+    patch goes to review."""
+    goto(page, server, "Slide", "Slide")
+    main = page.locator("[data-testid='stMain']")
+    name = page.locator("[data-testid='stSidebar'] input[aria-label='Reviewer name']")
+    if not name.input_value():
+        name.fill(REVIEWER)
+        name.press("Enter")
+        wait_rendered(page, server, "Slide")
+    main.get_by_text("A slide file").click()
+    wait_rendered(page, server, "Slide")
+    field = main.get_by_label("Slide path")
+    field.fill(str(shared_data / "slides" / "CMU-1-Small-Region.svs"))
+    field.press("Enter")
+    wait_rendered(page, server, "Slide")
+    main.get_by_role("button", name="Compute the heatmap").click()
+    t0 = time.perf_counter()
+    main.get_by_text("Tiles run").wait_for(timeout=240_000)  # the job finished, page reran
+    print(f"slide heatmap job: {time.perf_counter() - t0:.1f} s")
+    wait_rendered(page, server, "Slide")
+    assert_no_error(page, server, "Slide")
+    assert "731" in main.inner_text()  # tiles of the 48 x 36 grid over tissue
+
+    def drag(plot, a: float, b: float) -> None:
+        plot.scroll_into_view_if_needed()  # mouse events need it inside the viewport
+        box = plot.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * a, box["y"] + box["height"] * a)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * b, box["y"] + box["height"] * b, steps=4)
+        page.mouse.up()
+
+    drag(main.locator(".js-plotly-plot .nsewdrag").first, 0.35, 0.55)
+    main.get_by_text("Zoom: level-0 box").wait_for(timeout=60_000)
+    wait_rendered(page, server, "Slide")
+    drag(main.locator(".js-plotly-plot .nsewdrag").nth(1), 0.47, 0.53)
+    try:
+        main.get_by_text("Cell (").wait_for(timeout=60_000)
+    except Exception:
+        screenshot(page, "slide-timeout")
+        raise
+    wait_rendered(page, server, "Slide")
+    assert_no_error(page, server, "Slide cell")
+    assert "Grad-CAM" in main.inner_text() and "CMU-1-Small-Region.svs:L0:" in main.inner_text()
+    main.get_by_role("button", name="Tumour", exact=True).click()
+    main.get_by_text("Saved decision").wait_for(timeout=30_000)
+    screenshot(page, "slide")

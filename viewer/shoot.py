@@ -27,7 +27,8 @@ if str(REPO) not in sys.path:
 
 from model.core.runtime import process_memory_mb  # noqa: E402
 
-PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference"]
+PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference",
+         "slide"]
 
 
 def wait_idle(page, timeout_s: float = 120.0) -> float:

@@ -40,8 +40,9 @@ def _choose_slide(c) -> tuple[str | None, float | None]:
     return (path or None), (mpp or None)
 
 
-def _cell_points(res, rows=None) -> go.Scattergl:
-    """Invisible markers at the cells that ran: hover shows p, a click or box selects."""
+def _cell_points(res, box0: tuple, rows=None) -> go.Scattergl:
+    """Invisible square markers as large as the cells on screen, at the cells that ran:
+    hover shows p, a click anywhere on a cell selects it."""
     probs, g = res.probs, res.grid
     rc = np.argwhere(np.isfinite(probs))
     if rows is not None:
@@ -50,8 +51,10 @@ def _cell_points(res, rows=None) -> go.Scattergl:
         rc = rc[keep]
     xy = (rc[:, ::-1] + 0.5) * g.cell0
     custom = np.column_stack([rc, probs[rc[:, 0], rc[:, 1]]])
+    on_screen = FIG_HEIGHT * g.cell0 / max(box0[3] - box0[1], 1)  # cell side in px
     return go.Scattergl(x=xy[:, 0], y=xy[:, 1], mode="markers", customdata=custom,
-                        marker=dict(size=8, opacity=0), showlegend=False,
+                        marker=dict(size=float(np.clip(on_screen, 6, 80)), symbol="square",
+                                    color="rgba(0,0,0,0.01)"), showlegend=False,
                         hovertemplate="cell %{customdata[0]:.0f}, %{customdata[1]:.0f}"
                                       "<br>p = %{customdata[2]:.3f}<extra></extra>")
 
@@ -65,6 +68,7 @@ def _image_figure(img: np.ndarray, box0: tuple, points: go.Scattergl) -> go.Figu
     fig.update_xaxes(range=[x0, x1], visible=False, constrain="domain")
     fig.update_yaxes(range=[y1, y0], visible=False, scaleanchor="x")
     fig.update_layout(height=FIG_HEIGHT, margin=dict(l=0, r=0, t=0, b=0), dragmode="select",
+                      clickmode="event+select",
                       plot_bgcolor="white")
     return fig
 
@@ -83,6 +87,22 @@ def _event_box(event) -> tuple | None:
         xs, ys = sorted(boxes[0]["x"]), sorted(boxes[0]["y"])
         return xs[0], ys[0], xs[1], ys[1]
     return None
+
+
+def _cell_at(res, box: tuple | None) -> tuple[int, int] | None:
+    """The cell a small box was drawn on (a selection, not a click): of the cells that ran
+    and touch the box, the one nearest its centre."""
+    if box is None:
+        return None
+    g = res.grid
+    r0, r1 = max(int(box[1] // g.cell0), 0), min(int(box[3] // g.cell0) + 1, g.rows)
+    c0, c1 = max(int(box[0] // g.cell0), 0), min(int(box[2] // g.cell0) + 1, g.cols)
+    rc = np.argwhere(np.isfinite(res.probs[r0:r1, c0:c1])) + [r0, c0]
+    if not len(rc):
+        return None
+    centre = np.array([(box[1] + box[3]) / 2, (box[0] + box[2]) / 2]) / g.cell0 - 0.5
+    r, c = rc[np.argmin(((rc - centre) ** 2).sum(axis=1))]
+    return int(r), int(c)
 
 
 def _summary(res, threshold: float, path: str) -> None:
@@ -184,7 +204,8 @@ def render(c) -> None:
     img = sl.overview(str(res.dir), res, alpha, threshold, outline)
     st.caption("Whole slide: drag a box to zoom in (read at full resolution), click a cell "
                "to open its patch. Colour: turbo, blue p = 0 to red p = 1.")
-    ev = st.plotly_chart(_image_figure(img, (0, 0, w0, h0), _cell_points(res)),
+    ev = st.plotly_chart(_image_figure(img, (0, 0, w0, h0),
+                                       _cell_points(res, (0, 0, w0, h0))),
                          key="sl_overview", on_select="rerun",
                          selection_mode=("box", "points"))
     box = _event_box(ev)
@@ -195,12 +216,12 @@ def render(c) -> None:
         st.caption(f"Zoom: level-0 box x {box0[0]:,}-{box0[2]:,}, y {box0[1]:,}-{box0[3]:,} "
                    f"at {scale:.2f} level-0 px per screen px"
                    + (" (full resolution)" if scale <= 1.0 else "")
-                   + ". Click a cell to open its patch.")
+                   + ". Click a cell, or draw a small box on it, to open its patch.")
         rows = ((int(box0[1] // g.cell0), int(np.ceil(box0[3] / g.cell0))),
                 (int(box0[0] // g.cell0), int(np.ceil(box0[2] / g.cell0))))
-        ev2 = st.plotly_chart(_image_figure(crop, box0, _cell_points(res, rows)),
-                              key="sl_zoom", on_select="rerun", selection_mode=("points",))
-        cell = _event_cell(ev2) or cell
+        ev2 = st.plotly_chart(_image_figure(crop, box0, _cell_points(res, box0, rows)),
+                              key="sl_zoom", on_select="rerun", selection_mode=("points", "box"))
+        cell = _event_cell(ev2) or _cell_at(res, _event_box(ev2)) or cell
     if cell is not None:
         try:
             _patch_panel(c, s, res, *cell, shown)
