@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from model.core.cli import run_cli
+from model.core.progress import ProgressFile
 from model.data.open import open_source
 from model.evaluation.embeddings import MAP_METHODS, embed_run, embedding_map
 from model.runs.load import load_run
@@ -32,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="average the embeddings over this many TTA views (default 1)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--progress-file", type=Path, default=None,
+                   help="also write progress as JSON here (for the viewer)")
     return p
 
 
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_run(args.run_dir, args.checkpoint)
         source = open_source(args.data, args.split, size=loaded.input.patch)
         t0 = time.time()
-        emb = embed_run(loaded, source, views=args.views, progress=not args.no_progress,
-                        log=print)
+        progress = (ProgressFile(args.progress_file, "patches embedded") if args.progress_file
+                    else not args.no_progress)
+        emb = embed_run(loaded, source, views=args.views, progress=progress, log=print)
         t1 = time.time()
         embedding_map(emb, args.method, log=print)
         t2 = time.time()

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit.testing.v1 as st_testing
+from PIL import Image
+
+from model.runs.load import load_run
+from model.slides.heatmap import SlideConfig
+from model.slides.job import heatmap_job
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "viewer" / "app.py"
-PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference"]
-NEED_RUN = ["map", "metrics", "gradcam", "review", "inference"]
+PAGES = ["browse", "dataset", "map", "runs", "metrics", "gradcam", "review", "inference",
+         "slide"]
+NEED_RUN = ["map", "metrics", "gradcam", "review", "inference", "slide"]
 RUN_FILES = ["config.json", "best.safetensors", "history.csv", "valid_predictions.csv",
              "metrics.json", "progress.json", "lr_schedule.csv", "valid_ids.csv",
              "train_ids.csv"]
@@ -287,6 +295,12 @@ def test_map_page_computes_embeddings_and_shows_similar_patches(env, make_kaggle
     assert "needs the run's embeddings of all 30 patches" in texts(at.info)
     [b for b in at.button if b.label == "Compute the embeddings"][0].click().run()
     ok(at)
+    for _ in range(240):  # a background `python -m model.embed`: rerun until it is there
+        if any(s.key == "map_colour" for s in at.selectbox):
+            break
+        time.sleep(0.5)
+        at.run()
+    ok(at)
     at.segmented_control(key="map_method").set_value("pca").run()
     ok(at)
     for colour in ("label", "probability", "review status", "data split"):
@@ -307,3 +321,26 @@ def test_map_page_computes_embeddings_and_shows_similar_patches(env, make_kaggle
     [b for b in at.button if b.label == "details"][0].click().run()
     ok(at)
     assert "Most similar patches" in texts(at.markdown)
+
+
+def test_slide_page_shows_a_finished_heatmap(env, runs_root, patch_files, tmp_path):
+    """The Slide page finds the heatmap computed for this run and slide (as model.slide
+    writes it) and draws the summary and the slide; without one it offers to compute it."""
+    tiles = [np.asarray(Image.open(p).convert("RGB")) for _, _, p in patch_files[:9]]
+    mosaic = np.concatenate([np.concatenate(tiles[r * 3:r * 3 + 3], axis=1) for r in range(3)])
+    path = tmp_path / "mosaic.png"
+    Image.fromarray(mosaic).save(path)
+    at = new_app().run()
+    goto(at, "slide")
+    at.segmented_control(key="sl_kind").set_value("file").run()
+    at.text_input(key="sl_path").input(str(path)).run()
+    at.number_input(key="sl_mpp").set_value(0.972).run()
+    ok(at)
+    assert "No heatmap of mosaic.png" in texts(at.info)
+    assert "Compute the heatmap" in [b.label for b in at.button]
+    heatmap_job(load_run(runs_root / "tiny"), path, SlideConfig(mpp=0.972), progress=False)
+    at.run()
+    ok(at)
+    assert "Tiles run" in [m.label for m in at.metric]
+    spec = at.get("plotly_chart")[0].proto.spec
+    assert "scattergl" in spec and "data:image/png;base64" in spec.replace("\\u002f", "/")

@@ -19,7 +19,7 @@ import streamlit as st
 
 from model.core.errors import PcamLensError
 from model.data.open import reopen_source
-from model.evaluation.embeddings import Embeddings, embed_run, embedding_map, load_embeddings
+from model.evaluation.embeddings import Embeddings, embedding_map, load_embeddings
 from model.evaluation.evaluate import evaluate_run
 from model.evaluation.inference import predict_arrays, predict_probs
 from model.evaluation.metrics import complete_prediction_table, prediction_table
@@ -308,12 +308,6 @@ def embeddings(c: Context) -> Embeddings | None:
     if emb is not None:
         _memo(key, lambda: emb)
     return emb
-
-
-def compute_embeddings(c: Context, progress=None) -> Embeddings:
-    with MODEL_LOCK:
-        emb = embed_run(loaded(c.run_key), c.source, batch_size=128, progress=progress or False)
-    return _memo(("emb", c.run_key, c.src_key), lambda: emb)
 
 
 def map_xy(c: Context, emb: Embeddings, method: str) -> np.ndarray:

@@ -4,8 +4,6 @@ quality, review status or split; a box or lasso selection fills a grid of its pa
 patch shows its most similar ones."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -16,7 +14,7 @@ from model.evaluation import embeddings
 from model.runs.format import read_config
 from model.runs.summary import belongs_to
 from viewer import components as ui
-from viewer import frame, preds, scatter, state
+from viewer import frame, jobs, preds, scatter, state
 
 COLOURS = ["label", "prediction", "correct / incorrect", "probability", "loss",
            "label quality", "review status", "data split"]
@@ -101,17 +99,16 @@ def _figure(xy: np.ndarray, t: pd.DataFrame, cat: pd.Series | None, by: str) -> 
     return fig
 
 
-def _compute(c) -> None:
-    bar = st.progress(0.0, text="Embedding...")
-    t0 = time.perf_counter()
+def _job_key(c) -> str:
+    return f"embed::{c.run_dir}::{c.src_key.spec}::{c.src_key.split}"
 
-    def cb(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-6)
-        bar.progress(done / max(total, 1), text=f"Embedding {done:,} of {total:,} patches "
-                                                f"({rate:.0f}/s)")
 
-    preds.compute_embeddings(c, progress=cb)
-    bar.empty()
+def _start(c) -> None:
+    """`python -m model.embed RUN --data D --method pca` in the background: minutes on a
+    large source, and the viewer stays usable meanwhile (the page shows its progress)."""
+    jobs.start(_job_key(c), "model.embed",
+               [str(c.run_dir), "--data", c.src_key.spec, "--split", c.src_key.split,
+                "--checkpoint", c.run_key.checkpoint, "--method", "pca"], "Embeddings")
 
 
 def _selected_rows(event, xy: np.ndarray) -> list[int]:
@@ -136,11 +133,18 @@ def render(c) -> None:
         return
     emb = preds.embeddings(c)
     if emb is None:
+        err = jobs.last_error(_job_key(c))
+        if err:
+            st.error(err)
+        if jobs.running(_job_key(c)):
+            jobs.panel(_job_key(c))
+            return
         st.info(f"The map needs the run's embeddings of all {len(c.source):,} patches (one "
-                "forward pass each; also `python -m model.embed RUN --data DATA`).")
+                "forward pass each, in the background; also `python -m model.embed RUN "
+                "--data DATA`).")
         if st.button("Compute the embeddings", key="map_compute", type="primary",
                      icon=":material/scatter_plot:"):
-            _compute(c)
+            _start(c)
             st.rerun()
         return
     a, b = st.columns([2, 3])
