@@ -1,5 +1,6 @@
 """Tumour heatmap of a whole-slide image under a trained run, with exports for QuPath.
 
+    python -m model.slide                                             # newest run, demo slide
     python -m model.slide runs/<run>                                  # the synthetic demo slide
     python -m model.slide runs/<run> --slide ../shared/data/slides/CMU-1-Small-Region.svs
     python -m model.slide runs/<run> --slide scans/ --out heatmaps/   # every slide of a folder
@@ -23,8 +24,10 @@ from pathlib import Path
 
 from model.core.atomic import write_json
 from model.core.cli import run_cli
+from model.core.errors import DataError
 from model.core.progress import ProgressFile
-from model.runs.load import load_run
+from model.runs.format import default_runs_root, list_runs
+from model.runs.load import load_run, weights_path
 from model.slides.heatmap import SlideConfig
 from model.slides.job import batch_job, heatmap_job, slide_paths, write_table
 from model.slides.score import score_heatmap
@@ -35,7 +38,8 @@ from model.training.distributed import env_dist
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m model.slide", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", nargs="?", default=None,
+                   help="the run (default: the newest run under $PCAM_LENS_RUNS or ./runs)")
     p.add_argument("--slide", default=None,
                    help="a slide, a folder of slides or a list file (default: the synthetic "
                         "demo slide with ground truth)")
@@ -95,11 +99,23 @@ def _one(loaded, path: Path, cfg: SlideConfig, args) -> str:
     return "\n".join(lines)
 
 
+def _newest_run() -> Path:
+    root = default_runs_root()
+    for run in list_runs(root):
+        if weights_path(run, "best").exists():
+            return run
+    raise DataError(f"No trained run under {root} to make a heatmap with.",
+                    fix="Train one first (python -m model.train), or give RUN_DIR.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def body():
         cfg = _config(args)
+        if args.run_dir is None:
+            args.run_dir = _newest_run()
+            print(f"run: {args.run_dir}")
         loaded = load_run(args.run_dir, args.checkpoint)
         if args.slide is None:
             path, _ = synthetic_slide(args.synthetic_size, log=None if args.no_progress
