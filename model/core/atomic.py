@@ -100,13 +100,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True,
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     except OSError as e:
-        err = storage_error(e, path)
-        if err is None:
-            raise
-        raise err from None
+        raise storage_error(e, path) or e from None
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
     binary = "b" in mode
-    try:
+    with _storage_errors(path, lambda: os.unlink(tmp)):
         with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": ""})) as f:
             yield f
             f.flush()
@@ -115,9 +112,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = True,
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _storage_errors(path: Path, cleanup=None) -> Iterator[None]:
+    """On any exception run `cleanup` (errors ignored); an OSError the user can fix becomes
+    a StorageError naming `path`, anything else goes on as it is."""
+    try:
+        yield
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup()
         err = storage_error(e, path) if isinstance(e, OSError) else None
         if err is None:
             raise
@@ -196,11 +202,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                                     dir=path.parent))
         os.chmod(tmp, 0o777 & ~_UMASK)
     except OSError as e:
-        err = storage_error(e, path)
-        if err is None:
-            raise
-        raise err from None
-    try:
+        raise storage_error(e, path) or e from None
+    with _storage_errors(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
         old = None
         if path.exists():  # an older result: moved aside, then removed
@@ -211,12 +214,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        err = storage_error(e, path) if isinstance(e, OSError) else None
-        if err is None:
-            raise
-        raise err from None
 
 
 @contextlib.contextmanager
@@ -230,21 +227,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
         os.chmod(name, 0o666 & ~_UMASK)
     except OSError as e:
-        err = storage_error(e, path)
-        if err is None:
-            raise
-        raise err from None
+        raise storage_error(e, path) or e from None
     tmp = Path(name)
-    try:
+    with _storage_errors(path, lambda: os.unlink(tmp)):
         yield tmp
         with open(tmp, "rb") as g:
             os.fsync(g.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        err = storage_error(e, path) if isinstance(e, OSError) else None
-        if err is None:
-            raise
-        raise err from None
