@@ -15,16 +15,16 @@ import tifffile
 from matplotlib.path import Path as Polygon
 from PIL import Image
 
+from model.data.slides import open_slide, parse_tile_id, read_tile_id
 from model.evaluation.inference import predict_arrays
 from model.slides import outputs
 from model.slides.geometry import PCAM_MPP, plan_grid
 from model.slides.heatmap import SlideConfig, compute_heatmap
 from model.slides.job import batch_job, heatmap_job, shard_of, slide_paths, write_table
 from model.slides.outputs import read_result, regions_geojson
-from model.slides.reader import open_slide
 from model.slides.score import score_heatmap
 from model.slides.synthetic import read_truth, synthetic_slide
-from model.slides.tiles import parse_tile_id, read_block, read_tile_id, tile_id
+from model.slides.tiles import read_block, tile_id
 from model.training.distributed import Dist
 
 SVS = "slides/CMU-1-Small-Region.svs"
@@ -301,3 +301,53 @@ def test_synthetic_slide_truth_matches_its_painting(tmp_path):
     again, truth2 = synthetic_slide(2048, seed=3, folder=tmp_path)
     np.testing.assert_array_equal(truth.cells, truth2.cells)  # cached, not repainted
     shutil.rmtree(tmp_path)
+
+
+def _reviewed_slides(folder: Path, mosaic: np.ndarray, n: int = 12) -> list[str]:
+    """A folder with one slide and `n` of its patches labelled in the log beside it, as the
+    Slide page records them (alternating tumour / no tumour; one more flagged)."""
+    from model.review.log import ReviewLog, default_log_path
+
+    folder.mkdir()
+    path = pyramid_tiff(folder / "node.tiff", mosaic, PCAM_MPP)
+    slide = open_slide(path)
+    grid = plan_grid(slide)
+    log = ReviewLog(default_log_path(path))
+    ids = [tile_id(slide, grid, 3 * (k // K) + 1, 3 * (k % K) + 1) for k in range(n + 1)]
+    for k, tid in enumerate(ids[:n]):
+        log.record("Dr Slide", "run", tid, "relabel", None, new_label=k % 2)
+    log.record("Dr Slide", "run", ids[n], "flag", None, flag_reason="artefact")
+    return ids
+
+
+def test_reviewed_slide_patches_become_a_training_source(mosaic, tmp_path):
+    from model.data.open import open_source, reopen_source
+    from model.training.prepare import reviewed_slide_patches
+
+    ids = _reviewed_slides(tmp_path / "slides", mosaic)
+    with pytest.raises(Exception, match="folder of whole-slide images"):
+        open_source(tmp_path / "slides")
+    src = reviewed_slide_patches(tmp_path / "slides", None)
+    assert src.ids == ids[:12] and src.labels.tolist() == [k % 2 for k in range(12)]
+    x = src.read_batch([0, 5])
+    np.testing.assert_array_equal(x[0], mosaic[:96, :96])  # the patch under the cell's tile
+    np.testing.assert_array_equal(x[1], mosaic[96:192, 96:192])
+    again = reopen_source(src.describe())  # what evaluate does with a run's config.json
+    assert again.ids == src.ids and again.labels.tolist() == src.labels.tolist()
+
+
+@pytest.mark.slow
+def test_training_reads_reviewed_slide_patches_back_from_the_slide(mosaic, tmp_path):
+    from model.runs.format import read_config
+    from model.train import main as train_main
+
+    ids = _reviewed_slides(tmp_path / "slides", mosaic, n=16)
+    run = tmp_path / "run"
+    assert train_main(["--data", str(tmp_path / "slides"), "--labels-from-review",
+                       "--no-pretrained", "--arch", "resnet18", "--no-lr-find", "--no-checks",
+                       "--frozen-epochs", "0", "--epochs", "1", "--bs", "4", "--valid-pct", "0.25",
+                       "--run-dir", str(run)]) == 0
+    used = set(pd.read_csv(run / "train_ids.csv")["id"]) | set(
+        pd.read_csv(run / "valid_ids.csv")["id"])
+    assert used == set(ids[:16])  # the flagged patch is left out
+    assert read_config(run)["data"]["kind"] == "slide-tiles"

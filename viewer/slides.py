@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from model.data.slides import Slide, open_slide
 from model.review.log import ReviewLog, default_log_path
 from model.slides.heatmap import SlideConfig
 from model.slides.job import find_result
 from model.slides.outputs import SlideResult, overlay, region_view
-from model.slides.reader import Slide, open_slide
 from model.slides.synthetic import DEFAULT_SIZE, read_truth, synthetic_slide_path
 from model.slides.tiles import read_block, tile_id
 from viewer import jobs

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.data.slides import open_slide
 from model.evaluation.inference import predict_arrays
 from model.slides.heatmap import SlideConfig, compute_heatmap
-from model.slides.reader import open_slide
 from model.slides.synthetic import synthetic_slide
 from model.slides.tiles import ReadStats, iter_tiles, naive_tiles
 

@@ -21,6 +21,7 @@ from model.data.hdf5 import H5_PREFIX, open_h5
 from model.data.images import IMAGE_SUFFIXES
 from model.data.kaggle import KaggleSource
 from model.data.pack import open_packed_if_fresh
+from model.data.slides import SlideTileSource, is_slide_folder
 from model.data.synthetic import SyntheticSource
 
 
@@ -77,6 +78,11 @@ def open_source(spec: str | os.PathLike | None = None, split: str = "train", *,
         return KaggleSource(path, "test")
     if any(path.glob(f"{H5_PREFIX}*_x.h5")):
         return open_h5(path, split)
+    if is_slide_folder(path):
+        raise DataError(f"{path} is a folder of whole-slide images, not of patches.", path=path,
+                        fix="Make heatmaps with python -m model.slide RUN --slide "
+                            f"{path}; to train on the slide patches reviewed on the Slide "
+                            f"page, use model.train --data {path} --labels-from-review.")
     if any(path.glob(f"{H5_PREFIX}*.h5.gz")):
         raise DataError(f"{path} holds gzip-compressed PCam files.", path=path,
                         fix=f"Decompress them first: gunzip -k {path}/*.h5.gz")
@@ -101,6 +107,9 @@ def reopen_source(desc: dict, *, size: int = PATCH) -> PatchSource:
     if desc.get("synthetic"):
 
         return SyntheticSource(n=desc.get("n"), seed=desc.get("seed", 0))
+    if desc.get("kind") == "slide-tiles":  # reviewed slide patches: the ids are the data
+        return SlideTileSource(Path(desc["path"]), desc["tile_ids"], desc.get("tile_labels"),
+                               mpp=desc.get("mpp"))
     return open_source(desc["path"], desc.get("split") or "train", size=size)
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from model.core.errors import DataError
 from model.data.base import CENTRE, PATCH
-from model.slides.reader import Slide
+from model.data.slides import Slide
 
 PCAM_MPP = 0.972  # µm per pixel of PCam's patches (Camelyon16 level 2)
 MATCH_TOLERANCE = 0.02  # a level within 2 % of the target is used as it is (no resampling)

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from model.core.errors import DataError
+from model.data.slides import Slide
 from model.evaluation.inference import check_tta, predict_batches
 from model.slides.geometry import SlideGrid, plan_grid
-from model.slides.reader import Slide
 from model.slides.tiles import ReadStats, iter_tiles, tile_order
 from model.slides.tissue import TissueMask, detect_tissue
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from model.core.atomic import write_csv, write_json
 from model.core.errors import DataError, PcamLensError
+from model.data.slides import OPENSLIDE_SUFFIXES, open_slide
 from model.runs.load import weights_path
 from model.slides.geometry import SlideGrid
 from model.slides.heatmap import SlideConfig, compute_heatmap, summarise
@@ -26,7 +27,6 @@ from model.slides.outputs import (
     result_key,
     write_result,
 )
-from model.slides.reader import OPENSLIDE_SUFFIXES, open_slide
 from model.slides.tiles import ReadStats
 from model.training.distributed import Dist, env_dist
 

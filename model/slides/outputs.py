@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from model.core.atomic import atomic_dir, atomic_open, write_bytes, write_json
+from model.data.slides import Slide
 from model.slides.geometry import SlideGrid
 from model.slides.heatmap import SlideHeatmap
-from model.slides.reader import Slide
 
 FORMAT = 1
 OUTLINE_RGB = (0, 110, 255)

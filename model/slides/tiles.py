@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import torch
 
+from model.data.slides import Slide
 from model.slides.geometry import SlideGrid
-from model.slides.reader import Slide
 
 BLOCK_CELLS = 32
 PREFETCH = 4
@@ -148,22 +148,3 @@ def tile_id(slide: Slide, grid: SlideGrid, r: int, c: int) -> str:
     x0 = round((c * grid.stride - grid.rim) * grid.factor)
     y0 = round((r * grid.stride - grid.rim) * grid.factor)
     return f"{slide.path.name}:L{grid.level}:x{x0}:y{y0}:w{round(grid.patch * grid.factor)}"
-
-
-def parse_tile_id(tid: str) -> tuple[str, int, int, int, int]:
-    """(slide file name, level, x0, y0, side in level-0 px) of a `tile_id`."""
-    name, level, x, y, w = tid.rsplit(":", 4)
-    if not (level[0], x[0], y[0], w[0]) == ("L", "x", "y", "w"):
-        raise ValueError(f"not a slide tile id: {tid!r}")
-    return name, int(level[1:]), int(x[1:]), int(y[1:]), int(w[1:])
-
-
-def read_tile_id(slide: Slide, tid: str, patch: int = 96) -> np.ndarray:
-    """uint8 [patch, patch, 3]: the tile a `tile_id` names, read again from its slide."""
-    name, level, x0, y0, w0 = parse_tile_id(tid)
-    ds = slide.level_downsamples[level]
-    side = max(1, round(w0 / ds))
-    region = slide.read(level, x0, y0, side, side)
-    if side == patch:
-        return region
-    return cv2.resize(region, (patch, patch), interpolation=cv2.INTER_AREA)

@@ -15,6 +15,7 @@ from model.core.errors import DataError, RunError
 from model.data.base import PatchSource
 from model.data.inspect import InspectReport, filter_source, format_table, inspect_source
 from model.data.open import open_source, reopen_source
+from model.data.slides import SlideTileSource, is_slide_folder, is_tile_id
 from model.data.splits import Split, make_split, stratified_split
 from model.review.log import ReviewLog, default_log_path
 from model.runs.format import default_runs_root, read_config
@@ -121,8 +122,33 @@ def group_duplicates(source: PatchSource, path: Path, log) -> dict:
             "groups": n_groups}
 
 
+def reviewed_slide_patches(folder: Path, spec: str | None) -> SlideTileSource:
+    """The slide patches of `folder` reviewed on the Slide page (the review log beside the
+    slides, or `spec`'s), labelled as decided; flagged ones left out."""
+    path = default_log_path(folder) if spec in (None, "default") else Path(spec)
+    if not Path(path).exists():
+        raise DataError(f"No review log for the slides in {folder} ({path}).", path=path,
+                        fix="Review slide patches on the viewer's Slide page first.")
+    df = ReviewLog(path).reviewed_labels()
+    df = df[df["final_label"].notna() & df["patch_id"].map(is_tile_id)]
+    if len(df) < 2 or df["final_label"].nunique() < 2:
+        raise DataError(f"The review log {path} has {len(df)} labelled slide patches"
+                        + ("" if len(df) < 2 else " of one class only") + "; training needs "
+                        "both classes.", path=path,
+                        fix="Label more patches (tumour and no tumour) on the Slide page.")
+    return SlideTileSource(folder, list(df["patch_id"]), df["final_label"].astype(int))
+
+
 def open_training_source(config: TrainConfig) -> PatchSource:
-    source = open_source(config.data.spec, "train")
+    spec = config.data.spec
+    if spec and is_slide_folder(Path(spec).expanduser()):
+        if not config.data.labels_from_review:
+            raise DataError(f"{spec} is a folder of slides: its training patches are the ones "
+                            "reviewed on the Slide page.",
+                            fix=f"Add --labels-from-review (model.train --data {spec} "
+                                "--labels-from-review).")
+        return reviewed_slide_patches(Path(spec).expanduser(), config.data.labels_from_review)
+    source = open_source(spec, "train")
     if source.labels is None:
         raise DataError(f"{source.describe_short()} has no labels; training needs labels.",
                         fix="Point --data at labelled data.")

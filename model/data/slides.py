@@ -3,6 +3,7 @@
     slide = open_slide("tumour_001.svs")            # mpp from the slide's properties
     slide = open_slide("scan.png", mpp=0.5)         # a plain image needs its microns per pixel
     rgb = slide.read(level, x0, y0, w, h)           # uint8 [h, w, 3]; x0, y0 in level-0 pixels
+    src = SlideTileSource(folder, tile_ids, labels) # reviewed slide patches, for training
 
 OpenSlide (openslide-python with the openslide-bin wheel, no system library) reads Aperio
 .svs, Hamamatsu .ndpi, MIRAX .mrxs, Leica .scn, Philips, Ventana and pyramidal tiled TIFF.
@@ -14,15 +15,18 @@ scanner shows an empty slide.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import openslide
 import tifffile
 from PIL import Image
 
 from model.core.errors import DataError
+from model.data.base import PATCH, PCAM_CLASSES, PatchSource
 
 OPENSLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
                       ".svslide", ".bif", ".dcm")
@@ -212,3 +216,82 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
                         "recognise it; truncated, damaged or not a slide).",
                         fix="Copy the slide again from the scanner or archive.")
     return _open_plain(path, mpp)
+
+
+# --------------------------------------------------------------------------- slide patches
+
+
+def parse_tile_id(tid: str) -> tuple[str, int, int, int, int]:
+    """(slide file name, level, x0, y0, side in level-0 px) of a slide patch id
+    ("<slide file>:L<level>:x<x0>:y<y0>:w<side>", model.slides.tiles.tile_id)."""
+    try:
+        name, level, x, y, w = tid.rsplit(":", 4)
+        if (level[:1], x[:1], y[:1], w[:1]) != ("L", "x", "y", "w"):
+            raise ValueError
+        return name, int(level[1:]), int(x[1:]), int(y[1:]), int(w[1:])
+    except ValueError:
+        raise DataError(f"{tid!r} is not a slide patch id (<slide>:L<level>:x<x>:y<y>:w<side>)."
+                        ) from None
+
+
+def is_tile_id(tid: str) -> bool:
+    try:
+        parse_tile_id(tid)
+        return True
+    except DataError:
+        return False
+
+
+def read_tile_id(slide: Slide, tid: str, patch: int = PATCH) -> np.ndarray:
+    """uint8 [patch, patch, 3]: the slide patch an id names, read again from its slide."""
+    _, level, x0, y0, w0 = parse_tile_id(tid)
+    ds = slide.level_downsamples[level]
+    side = max(1, round(w0 / ds))
+    region = slide.read(level, x0, y0, side, side)
+    if side == patch:
+        return region
+    return cv2.resize(region, (patch, patch), interpolation=cv2.INTER_AREA)
+
+
+def is_slide_folder(path: Path) -> bool:
+    """A folder of slide files (and no PCam/Kaggle layout): its patches come from review."""
+    path = Path(path)
+    return path.is_dir() and any(p.suffix.lower() in OPENSLIDE_SUFFIXES and p.is_file()
+                                 for p in path.iterdir())
+
+
+class SlideTileSource(PatchSource):
+    """Patches of the slides in `folder` named by slide patch ids (those a pathologist
+    reviewed on the Slide page), read again from the slides at the model's resolution."""
+
+    def __init__(self, folder: Path, tile_ids: Sequence[str], labels=None, mpp=None):
+        folder = Path(folder)
+        for tid in tile_ids:
+            name = parse_tile_id(tid)[0]
+            if not (folder / name).is_file():
+                raise DataError(f"The reviewed patch {tid} names the slide {name}, which is not "
+                                f"in {folder}.", path=folder,
+                                fix="Keep the slides beside their review log.")
+        super().__init__(kind="slide-tiles", root=folder, ids=list(tile_ids),
+                         labels=None if labels is None else np.asarray(labels, np.int64),
+                         classes=list(PCAM_CLASSES), split="train")
+        self.mpp = mpp
+        self._slides: dict[str, Slide] = {}
+
+    def read(self, i: int) -> np.ndarray:
+        tid = self.ids[int(i)]
+        name = parse_tile_id(tid)[0]
+        if name not in self._slides:
+            self._slides[name] = open_slide(self.root / name, mpp=self.mpp)
+        return read_tile_id(self._slides[name], tid)
+
+    def __getstate__(self):  # loader workers open their own slide handles
+        d = dict(self.__dict__)
+        d["_slides"] = {}
+        return d
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update(tile_ids=list(self.ids), mpp=self.mpp,
+                 tile_labels=None if self.labels is None else self.labels.tolist())
+        return d
