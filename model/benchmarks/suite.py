@@ -629,8 +629,6 @@ def bench_inference(data: BenchData, loaded, stock, s: Settings) -> tuple[list[R
     n = len(source)
     files = data.files
     warm = np.arange(min(n, s.infer_bs))
-    dl = stock.dls.test_dl(files, bs=s.infer_bs)
-    warm_dl = stock.dls.test_dl(files[:len(warm)], bs=s.infer_bs)
 
     def ours(tta):
         predict_probs(loaded, source, tta=tta, batch_size=s.infer_bs, indices=warm,
@@ -641,30 +639,50 @@ def bench_inference(data: BenchData, loaded, stock, s: Settings) -> tuple[list[R
         _sync(s.device)
         return n / t, p
 
-    def stock_preds():
+    def stock_dl(items, workers):
+        # fastai's default keeps its loader worker processes; on a small CPU they compete
+        # with the model's threads, so the stock path is timed both ways and the faster wins
+        return stock.dls.test_dl(items, bs=s.infer_bs,
+                                 **({} if workers is None else {"num_workers": workers}))
+
+    def stock_preds(workers):
         with stock.no_bar():
-            stock.get_preds(dl=warm_dl)
+            stock.get_preds(dl=stock_dl(files[:len(warm)], workers))
+            dl = stock_dl(files, workers)
             t, (p, _) = _time(lambda: stock.get_preds(dl=dl))
         return n / t, p[:, 1].double().numpy()
 
-    def stock_tta():
+    def stock_tta(workers):
         with stock.no_bar():
-            stock.get_preds(dl=warm_dl)
+            stock.get_preds(dl=stock_dl(files[:len(warm)], workers))
+            dl = stock_dl(files, workers)
             t, _ = _time(lambda: stock.tta(dl=dl, n=8))
         return n / t
 
     amp = resolve_amp("auto", next(loaded.model.parameters()).device)
-    ours_what = (f"predict_probs: files -> loader workers -> uint8 batches -> "
+    ours_what = (f"predict_probs: files -> uint8 batches -> "
                  f"{'bf16 autocast' if amp else 'fp32'}, channels_last, batch {s.infer_bs}")
     ours_rate, ours_p = ours(1)
-    stock_rate, stock_p = stock_preds()
+    configs = {"num_workers=0": 0, "fastai default workers": None}
+    if s.workers is not None:
+        configs = {f"num_workers={s.workers}": s.workers}
+    stock_runs = {name: stock_preds(w) for name, w in configs.items()}
+    best = max(stock_runs, key=lambda k: stock_runs[k][0])
+    stock_rate, stock_p = stock_runs[best]
+    both = ", ".join(f"{k} {v[0]:.0f}/s" for k, v in stock_runs.items())
     ours_tta, _ = ours(8)
     rows = [
         Row("infer", "inference: files -> probabilities", "patches/s", ours_rate, stock_rate,
-            ours_what, f"learn.get_preds(dl=learn.dls.test_dl(files, bs={s.infer_bs})), fp32"),
-        Row("infer_tta8", "inference with 8x TTA", "patches/s", ours_tta, stock_tta(),
+            ours_what, f"learn.get_preds(dl=learn.dls.test_dl(files, bs={s.infer_bs})), fp32, "
+                       f"best stock configuration: {best} ({both})",
+            f"warm-up batch first on both paths (start-up not timed); {n} files",
+            {f"stock_{k.replace(' ', '_').replace('=', '')}": v[0]
+             for k, v in stock_runs.items()}),
+        Row("infer_tta8", "inference with 8x TTA", "patches/s", ours_tta,
+            stock_tta(configs[best]),
             ours_what.replace("predict_probs", "predict_probs(tta=8)") + ": 8 dihedral views",
-            "learn.tta(dl=test_dl, n=8): 8 random aug_transforms views + 1 plain pass, fp32",
+            f"learn.tta(dl=test_dl, n=8) with {best}: 8 random aug_transforms views + 1 plain "
+            "pass, fp32",
             "fastai's TTA is the stock reference: 9 forward passes per patch vs our 8"),
     ]
     # agreement: the same weights and patches
@@ -793,8 +811,10 @@ def format_report(result: dict, rows: list[Row]) -> str:
         out.append(f"{r.what}: ours = {r.ours_path}; stock = {r.stock_path}"
                    + (f" [{r.note}]" if r.note else ""))
         for k, u in r.extra.items():
-            if u:
+            if isinstance(u, dict):  # GPU utilisation
                 out.append(f"  {k}: mean {u['mean']}%, max {u['max']}% ({u['how']})")
+            elif u is not None:  # e.g. each stock configuration's rate
+                out.append(f"  {k}: {u:.1f} {r.unit}")
     a = result.get("agreement") or {}
     if a:
         out.append("")
