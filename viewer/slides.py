@@ -13,7 +13,7 @@ from model.review.log import ReviewLog, default_log_path
 from model.slides.heatmap import SlideConfig
 from model.slides.job import find_result
 from model.slides.outputs import SlideResult, overlay, region_view
-from model.slides.synthetic import DEFAULT_SIZE, read_truth, synthetic_slide_path
+from model.slides.synthetic import DEFAULT_SIZE, synthetic_slide_path
 from model.slides.tiles import read_block, tile_id
 from viewer import jobs
 
@@ -46,8 +46,10 @@ def start_job(run_dir: Path, checkpoint: str, path: str | None, cfg: SlideConfig
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def overview(res_dir: str, _res: SlideResult, alpha: float, threshold: float | None,
+def overview(res_key: str, _res: SlideResult, alpha: float, threshold: float | None,
              outline: bool) -> np.ndarray:
+    """The overlay over the thumbnail (cached per result key: a recomputed heatmap with other
+    settings lands in the same folder under another key)."""
     thumb = _res.image("thumbnail")
     tissue = _res.image("tissue") > 0 if outline else None
     return overlay(thumb, _res.probs, _res.grid, _res.meta["thumbnail_downsample"], tissue,
@@ -63,10 +65,6 @@ def patch(s: Slide, res: SlideResult, r: int, c: int) -> tuple[np.ndarray, str]:
     """(the 96 px tile of cell (r, c) at the model's resolution, its review id)."""
     grid = res.grid
     return read_block(s, grid, r, c, 1, 1), tile_id(s, grid, r, c)
-
-
-def truth(path: str):
-    return read_truth(Path(path))
 
 
 def review_log(path: str) -> ReviewLog:

@@ -21,7 +21,7 @@ from viewer import slides as sl
 FIG_HEIGHT = 640
 
 
-def _choose_slide(c) -> tuple[str | None, float | None]:
+def _choose_slide() -> tuple[str | None, float | None]:
     """(path or None for the synthetic demo, mpp override)."""
     a, b, d = st.columns([1.2, 3, 1])
     kind = a.segmented_control("Slide", ["demo", "file"], default="demo", key="sl_kind",
@@ -105,7 +105,7 @@ def _cell_at(res, box: tuple | None) -> tuple[int, int] | None:
     return int(r), int(c)
 
 
-def _summary(res, threshold: float, path: str) -> None:
+def _summary(res, threshold: float) -> None:
     s, g = res.summary, res.grid
     vals = res.probs[np.isfinite(res.probs)]
     hot = int((vals >= threshold).sum())
@@ -169,7 +169,7 @@ def _patch_panel(c, s, res, r: int, cc: int, path: str) -> None:
 def render(c) -> None:
     if not ui.need_run(c, "The slide heatmap"):
         return
-    path, mpp = _choose_slide(c)
+    path, mpp = _choose_slide()
     a, b = st.columns(2)
     tta = a.select_slider("TTA views", [1, 2, 4, 8], value=1, key="sl_tta")
     cfg = SlideConfig(mpp=mpp, tta=tta)
@@ -199,9 +199,9 @@ def render(c) -> None:
     threshold = d.slider("Threshold", 0.05, 0.95, 0.5, 0.05, key="sl_thr",
                          help="Cells below it are not coloured; the tumour area uses it.")
     outline = e.toggle("Tissue outline", value=True, key="sl_outline")
-    _summary(res, threshold, shown)
+    _summary(res, threshold)
     w0, h0 = s.dimensions
-    img = sl.overview(str(res.dir), res, alpha, threshold, outline)
+    img = sl.overview(res.meta["key"], res, alpha, threshold, outline)
     st.caption("Whole slide: drag a box to zoom in (read at full resolution), click a cell "
                "to open its patch. Colour: turbo, blue p = 0 to red p = 1.")
     ev = st.plotly_chart(_image_figure(img, (0, 0, w0, h0),
