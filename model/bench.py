@@ -26,6 +26,7 @@ from model.core.errors import DataError
 from model.nets.archs import DEFAULT_ARCH
 from model.oof.crossval import CVConfig
 from model.runs.load import load_run
+from model.slides.heatmap import SlideConfig
 from model.training.config import ModelConfig, RuntimeConfig, TrainConfig
 
 
@@ -71,6 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="time model.slide's path against the naive per-tile loop (default "
                          "slide: the synthetic demo)")
     sl.add_argument("--run", type=Path, default=None, help="the run for --slide")
+    sl.add_argument("--backend", choices=["eager", "compile", "onnx"], default="eager",
+                    help="how ours runs the network for --slide (the naive loop: eager)")
     sl.add_argument("--naive-tiles", type=int, default=256,
                     help="tiles the naive loop runs (it is slow; default 256)")
     n = p.add_argument_group("label-noise experiment (instead of the speed rows)")
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError("--slide needs --run RUN (the model to time).",
                                 fix="Add --run runs/<name>.")
             b = bench_slide(load_run(args.run), None if args.slide == "synthetic"
-                            else args.slide, naive_tiles=args.naive_tiles)
+                            else args.slide, naive_tiles=args.naive_tiles,
+                            cfg=SlideConfig(backend=args.backend))
             print(b.report())
             if args.json:
                 write_json(args.json, {**b.__dict__, "speedup": b.speedup,

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                            threshold=args.threshold, tta=args.tta,
                            target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
                            progress=not args.no_progress, batch_size=args.batch_size,
-                           precision=args.precision, compile=args.compile)
+                           precision=args.precision, compile=args.compile,
+                           backend=args.backend)
         print(format_report(res))
 
     return run_cli(body, interrupted="interrupted: the evaluation did not finish")

@@ -78,7 +78,8 @@ def run(args) -> str:
     loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
                                         batch_size=args.batch_size, checkpoint=args.checkpoint,
                                         shard=shard, precision=args.precision,
-                                        compile=args.compile, progress=not args.no_progress)
+                                        compile=args.compile, backend=args.backend,
+                                        progress=not args.no_progress)
     out = args.out or default_submission_path(args.run_dir, args.data, shard)
     write_csv(out, df)
     extra = f" (shard {shard[0]}/{shard[1]} of {len(source)})" if shard else ""
@@ -113,6 +114,7 @@ def run_torchrun(args) -> str:
                                             batch_size=args.batch_size,
                                             checkpoint=args.checkpoint, shard=(d.rank, d.world),
                                             precision=args.precision, compile=args.compile,
+                                            backend=args.backend,
                                             progress=d.is_main and not args.no_progress)
         write_csv(_part_path(out, d.rank, d.world), df)
         d.barrier()  # every part is written

@@ -58,6 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--backend", choices=["auto", "eager", "compile", "onnx"], default="auto",
+                   help="how the network runs (auto: ONNX Runtime on the CPU for 20,000+ "
+                        "tiles or once the run's export exists, else eager)")
     p.add_argument("--synthetic-size", type=int, default=DEFAULT_SIZE,
                    help=f"side of the synthetic slide in px at 10x ({DEFAULT_SIZE})")
     p.add_argument("--force", action="store_true", help="recompute even if a result exists")
@@ -70,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _config(args) -> SlideConfig:
     return SlideConfig(stride=args.stride, threshold=args.threshold, tta=args.tta,
                        mpp=args.mpp, min_tissue=args.min_tissue, batch_size=args.batch_size,
-                       precision=args.precision, device=args.device).validate()
+                       precision=args.precision, device=args.device,
+                       backend=args.backend).validate()
 
 
 def _one(loaded, path: Path, cfg: SlideConfig, args) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from model.core.runtime import cpu_has_bf16
 from model.data.slides import open_slide
-from model.evaluation.inference import predict_arrays
+from model.evaluation.inference import predict_batches
 from model.nets.transforms import prepare
 from model.slides.heatmap import SlideConfig, compute_heatmap
 from model.slides.synthetic import synthetic_slide
@@ -39,6 +39,7 @@ class SlideBench:
     read_s: float
     waited_for_reading_s: float
     threads: int
+    backend: str = "eager"
 
     @property
     def speedup(self) -> float:
@@ -50,7 +51,8 @@ class SlideBench:
 
     def report(self) -> str:
         return "\n".join([
-            f"slide bench: {self.slide}, {self.tiles:,} tissue tiles, {self.threads} threads",
+            f"slide bench: {self.slide}, {self.tiles:,} tissue tiles, {self.threads} threads, "
+            f"ours and model only with the {self.backend} backend",
             f"  naive (read_region + forward per tile) {self.naive_tiles_per_s:8.1f} tiles/s",
             f"  ours  (block reads, reader thread)     {self.ours_tiles_per_s:8.1f} tiles/s  "
             f"= {self.speedup:.1f}x naive (target >= 5x)",
@@ -92,14 +94,16 @@ def bench_slide(loaded, slide_path: str | Path | None, naive_tiles: int = 256,
         order = hm.cells
         head = order[:model_tiles]
         x = np.concatenate([b.numpy() for _, b in iter_tiles(slide, hm.grid, head, 256)])
-        predict_arrays(loaded, x[:256], batch_size=256)  # warm up
+        batches = [(s, torch.from_numpy(x[s:s + 256])) for s in range(0, len(x), 256)]
+        predict_batches(loaded, batches[:1], 256, progress=False, backend=cfg.backend)  # warm
         t0 = time.perf_counter()
-        predict_arrays(loaded, x, batch_size=256)
+        predict_batches(loaded, batches, len(x), progress=False, backend=cfg.backend)
         model_rate = len(x) / (time.perf_counter() - t0)
         naive = _naive(loaded, slide, hm.grid, order[:naive_tiles])
         return SlideBench(slide=str(slide_path), tiles=hm.tiles, naive_tiles_per_s=naive,
                           ours_tiles_per_s=ours, model_patches_per_s=model_rate,
                           tissue_s=hm.seconds["tissue"], read_s=stats.read_s,
-                          waited_for_reading_s=stats.wait_s, threads=torch.get_num_threads())
+                          waited_for_reading_s=stats.wait_s, threads=torch.get_num_threads(),
+                          backend=cfg.backend)
     finally:
         slide.close()

@@ -80,8 +80,8 @@ def load_ensemble(cv_dir, checkpoint: str = "best", *, device: str = "cpu") -> E
 
 
 def predict_ensemble(ens: Ensemble, source, *, tta: int = 1, indices=None, progress=True,
-                     batch_size: int = 256, precision: str = "auto", compile: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 256, precision: str = "auto", compile: bool = False,
+                     backend: str = "eager") -> tuple[np.ndarray, np.ndarray]:
     """(mean probability [n], member probabilities [n, K]) over the patches of `source`."""
     cols = []
     for k, m in enumerate(ens.members):
@@ -90,6 +90,6 @@ def predict_ensemble(ens: Ensemble, source, *, tta: int = 1, indices=None, progr
                 progress(k * total + done, len(ens.members) * total)
         cols.append(predict_probs(m, source, tta=tta, indices=indices, batch_size=batch_size,
                                   progress=prog if callable(progress) else progress,
-                                  precision=precision, compile=compile))
+                                  precision=precision, compile=compile, backend=backend))
     members = np.stack(cols, axis=1)
     return members.mean(axis=1), members

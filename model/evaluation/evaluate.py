@@ -188,7 +188,8 @@ def _write_outputs(out_dir: Path, df: pd.DataFrame, labels: np.ndarray, probs: n
 def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
                  threshold: float = 0.5, tta: int = 1, target_sensitivity: float = 0.95,
                  n_boot: int = 1000, progress=True, batch_size: int = 256,
-                 precision: str = "auto", compile: bool = False) -> EvalResult:
+                 precision: str = "auto", compile: bool = False,
+                 backend: str = "eager") -> EvalResult:
     """Re-run inference of `run_dir` on labelled data and write the evaluation files.
 
     data=None: the run's own validation split (valid_ids.csv, labels from there); otherwise
@@ -202,7 +203,7 @@ def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
     out_dir = Path(out) if out is not None else default_out_dir(run_dir, data)
     t0 = time.time()
     kw = dict(tta=tta, indices=rows.indices, progress=progress, batch_size=batch_size,
-              precision=precision, compile=compile)
+              precision=precision, compile=compile, backend=backend)
     members = None
     if isinstance(loaded, Ensemble):
         probs, members = predict_ensemble(loaded, rows.source, **kw)

@@ -32,9 +32,15 @@ from tqdm.auto import tqdm
 from model.core.errors import DataError, PcamLensError, one_line
 from model.core.runtime import cpu_has_bf16
 from model.data.batches import iter_batches
+from model.evaluation.onnx_backend import model_path as onnx_model_path
+from model.evaluation.onnx_backend import onnx_available, onnx_model
 from model.nets.transforms import as_patch_array, dihedral, prepare
 
 PRECISIONS = ("auto", "fp32", "bf16")
+BACKENDS = ("auto", "eager", "compile", "onnx")  # onnx: ONNX Runtime on the CPU
+# auto takes ONNX Runtime for a CPU fp32 job of at least this many forward passes (its one-off
+# export, ~10 s, then pays: 1.6x the network's speed), or when the run's export exists
+AUTO_ONNX_MIN = 20_000
 Progress = bool | Callable[[int, int], None]
 
 
@@ -195,16 +201,44 @@ def _guarded(batches: Iterable) -> Iterator:
         raise clean from None
 
 
+def _auto_backend(loaded, device: torch.device, amp, passes: int) -> str:
+    if device.type != "cpu" or amp is not None or not onnx_available():
+        return "eager"
+    cached = onnx_model_path(loaded).exists()
+    return "onnx" if cached or passes >= AUTO_ONNX_MIN else "eager"
+
+
+def _backend_model(loaded, model, device: torch.device, backend: str, amp, passes: int = 0):
+    """(callable, amp) for `backend`; a backend that cannot run here falls back to eager."""
+    if backend not in BACKENDS:
+        raise PcamLensError(f"Unknown inference backend {backend!r}.",
+                            fix=f"Use one of: {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        backend = _auto_backend(loaded, device, amp, passes)
+    if backend == "compile":
+        return _Compiled(model), amp
+    if backend == "onnx":
+        if device.type != "cpu" or amp is not None:
+            print(f"note: the ONNX Runtime backend runs fp32 on the CPU; predicting with "
+                  f"eager PyTorch on {device.type}"
+                  + (" in bf16" if amp is not None else "") + ".", file=sys.stderr)
+            return model, amp
+        ort_model = onnx_model(loaded, torch.get_num_threads())
+        return (ort_model, None) if ort_model is not None else (model, amp)
+    return model, amp
+
+
 def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: int,
          progress: Progress, precision: str, device, desc: str,
-         compile: bool = False, per_view: bool = False) -> np.ndarray:
+         compile: bool = False, per_view: bool = False, backend: str = "eager"
+         ) -> np.ndarray:
     """[n] mean probabilities, or [n, tta] one column per view with `per_view`."""
     views = check_tta(tta)
     model, device = _model_on(loaded, device)
-    if compile:
-        model = _Compiled(model)
     amp = resolve_amp(precision, device)
     _set_threads(device)
+    model, amp = _backend_model(loaded, model, device, "compile" if compile else backend, amp,
+                                passes=n * views)
     out = np.empty((n, views) if per_view else n, np.float64)
     bar = _Progress(progress, n, desc)
     step = _view_probs_of_batch if per_view else _probs_of_batch
@@ -224,7 +258,8 @@ def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: in
 
 def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                   indices=None, progress: Progress = True, precision: str = "auto",
-                  device=None, compile: bool = False, per_view: bool = False) -> np.ndarray:
+                  device=None, compile: bool = False, per_view: bool = False,
+                  backend: str = "eager") -> np.ndarray:
     """float64 P(class index 1) for every patch of `source` (or for `indices`), in order.
     With `per_view`: [n, tta], the probability of each dihedral view (their mean is the TTA
     prediction, their spread a measure of uncertainty).
@@ -235,6 +270,8 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
     `precision`: "auto" (bf16 autocast on CUDA / bf16-capable CPUs), "fp32", or "bf16".
     `device`: None = the model's device; another device runs a private copy of the model.
     `compile`: run the model through torch.compile first (see _Compiled: for large sets).
+    `backend`: "eager", "compile" (= compile=True) or "onnx" (ONNX Runtime on the CPU, fp32;
+    see model.evaluation.onnx_backend); one that cannot run falls back to eager with a note.
     Memory is bounded by `batch_size`: patches are read batch by batch, never all at once."""
 
     batch_size = _check_batch_size(batch_size)
@@ -259,18 +296,19 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
               else _model_device(loaded.model)).type == "cpu"
     batches = iter_batches(src, batch_size, workers=0 if on_cpu or n <= batch_size else None)
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
-                device=device, compile=compile, per_view=per_view,
+                device=device, compile=compile, per_view=per_view, backend=backend,
                 desc=f"predicting {n} patches" + (f" (TTA x{tta})"
                                                                   if tta > 1 else ""))
 
 
 def predict_batches(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *,
                     tta: int = 1, progress: Progress = True, precision: str = "auto",
-                    device=None, compile: bool = False, desc: str = "predicting") -> np.ndarray:
+                    device=None, compile: bool = False, desc: str = "predicting",
+                    backend: str = "eager") -> np.ndarray:
     """Like `predict_probs` for batches from elsewhere (e.g. the tiles of a slide):
     (start, uint8 [B,H,W,3]) pairs covering rows 0..n-1; float64 [n]."""
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
-                device=device, compile=compile, desc=desc)
+                device=device, compile=compile, desc=desc, backend=backend)
 
 
 def _array_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:

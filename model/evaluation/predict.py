@@ -34,7 +34,8 @@ def _submission(ids, probs) -> pd.DataFrame:
 
 def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
                    checkpoint: str = "best", shard: tuple[int, int] | None = None,
-                   precision: str = "auto", progress=True, compile: bool = False):
+                   precision: str = "auto", progress=True, compile: bool = False,
+                   backend: str = "eager"):
     """(loaded run, source, DataFrame id,label[,index]) for the test split at `data`."""
 
     check_tta(tta)
@@ -42,7 +43,7 @@ def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
     source = open_source(data, split="test", size=loaded.input.patch)
     indices = None if shard is None else shard_indices(len(source), *shard)
     kw = dict(tta=tta, batch_size=batch_size, indices=indices, progress=progress,
-              precision=precision, compile=compile)
+              precision=precision, compile=compile, backend=backend)
     if isinstance(loaded, Ensemble):  # a cross-validation directory: its fold models' mean
         probs, _ = predict_ensemble(loaded, source, **kw)
     else:

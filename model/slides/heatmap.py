@@ -41,6 +41,7 @@ class SlideConfig:
     batch_size: int = 256
     precision: str = "auto"
     device: str | None = None
+    backend: str = "eager"  # or auto / onnx / compile (model.evaluation.inference.BACKENDS)
 
     def validate(self) -> SlideConfig:
         check_tta(self.tta)
@@ -55,7 +56,7 @@ class SlideConfig:
         """The settings a cached heatmap must match (batch size and device do not change it
         beyond float noise)."""
         d = asdict(self)
-        for k in ("batch_size", "device", "threshold"):
+        for k in ("batch_size", "device", "threshold", "backend"):
             d.pop(k)
         return d
 
@@ -109,7 +110,7 @@ def compute_heatmap(loaded, slide: Slide, cfg: SlideConfig, progress=True,
     stats = stats if stats is not None else ReadStats()
     batches = iter_tiles(slide, grid, order, cfg.batch_size, stats=stats)
     p = predict_batches(loaded, batches, len(order), tta=cfg.tta, progress=progress,
-                        precision=cfg.precision, device=cfg.device,
+                        precision=cfg.precision, device=cfg.device, backend=cfg.backend,
                         desc=f"{slide.name}: {len(order):,} tiles")
     t2 = time.perf_counter()
     probs = np.full((grid.rows, grid.cols), np.nan, np.float32)

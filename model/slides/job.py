@@ -87,7 +87,8 @@ def heatmap_job(loaded, slide_path, cfg: SlideConfig, out: Path | None = None,
         hm = compute_heatmap(loaded, slide, cfg, progress=progress, stats=stats)
         meta = {"key": key, "run": run_meta(loaded.run_dir, loaded.checkpoint),
                 "settings": cfg.result_key(),
-                "backend": {"device": str(cfg.device or "auto"), "precision": cfg.precision},
+                "backend": {"device": str(cfg.device or "auto"), "precision": cfg.precision,
+                            "engine": cfg.backend},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return write_result(out, hm, slide, summarise(hm, cfg.threshold, slide), meta,
                             cfg.threshold), False

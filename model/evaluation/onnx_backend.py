@@ -1,0 +1,91 @@
+"""The run's network through ONNX Runtime on the CPU (an inference backend, opt-in).
+
+Measured on the 2-core AMD EPYC of the development machine (no AVX-512, fp32), lite0 at 96 px,
+batch 256: the network alone 841 patches/s under ONNX Runtime 1.30 against 516 in eager
+PyTorch (channels_last, the tuned allocator), probabilities within 1.4e-7; from uint8 patches
+to probabilities 645 against 516. ONNX Runtime fuses the depthwise-separable blocks better than
+eager PyTorch's oneDNN calls.
+
+The network is exported once per run, checkpoint and input (torch.onnx, dynamic batch) to
+`<run>/engine/` (or the per-user cache when the run is read-only), written atomically, and
+reused; the export costs ~10 s. If onnxruntime is missing or the export or the session fails,
+prediction goes on in eager PyTorch with a one-line note: never silently a different answer.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.core.atomic import atomic_path, can_create_files
+from model.core.paths import cache_base, path_key
+
+NAME = "onnxruntime"
+
+
+def _key(loaded) -> str:
+    blob = json.dumps({"run": str(Path(loaded.run_dir).resolve()),
+                       "checkpoint": loaded.checkpoint, "mtime": loaded.checkpoint_mtime,
+                       "input": loaded.input.__dict__, "torch": torch.__version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def model_path(loaded) -> Path:
+    folder = Path(loaded.run_dir) / "engine"
+    if not (folder.is_dir() or can_create_files(loaded.run_dir)):
+        folder = cache_base() / "engine" / path_key(loaded.run_dir)
+    return folder / f"model-{_key(loaded)}.onnx"
+
+
+def export(loaded, path: Path) -> None:
+    side = loaded.input.size
+    example = torch.zeros(4, 3, side, side)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(loaded.model, (example,), str(tmp), input_names=["x"],
+                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("n")},),
+                          dynamo=True, verbose=False, external_data=False)
+
+
+class OnnxModel:
+    """Callable like the network: float [B, 3, H, W] -> logits [B, classes] (torch)."""
+
+    def __init__(self, loaded, threads: int):
+        import onnxruntime as ort  # optional: only this backend needs it
+
+        path = model_path(loaded)
+        self.exported = not path.exists()
+        if self.exported:
+            export(loaded, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle threads must not spin: a slide's reader thread shares the cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        return torch.from_numpy(self.session.run(None, {"x": arr})[0])
+
+
+def onnx_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def onnx_model(loaded, threads: int) -> OnnxModel | None:
+    """The ONNX Runtime model, or None (with a one-line note) when it cannot be built."""
+    try:
+        return OnnxModel(loaded, threads)
+    except Exception as e:  # noqa: BLE001  (any failure: eager PyTorch, and say so)
+        print(f"note: ONNX Runtime backend unavailable ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:160] if str(e) else ''}); predicting with eager "
+              "PyTorch.", file=sys.stderr)
+        return None

@@ -1,0 +1,76 @@
+"""Inference backends (model.evaluation.inference BACKENDS): ONNX Runtime against fp32 eager
+PyTorch on real patches, the exported model reused, the fallback to eager with a note."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from model.core.errors import PcamLensError
+from model.data.open import open_source
+from model.evaluation import onnx_backend
+from model.evaluation.inference import predict_probs
+from model.runs.load import load_run
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """The shared tiny run copied: the ONNX export is written into the run's engine/."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return load_run(dst)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_matches_fp32_eager_on_real_patches(run_copy, kaggle_sample):
+    src = open_source(kaggle_sample, "train").subset(np.arange(300))
+    eager = predict_probs(run_copy, src, precision="fp32", progress=False)
+    ort = predict_probs(run_copy, src, precision="fp32", progress=False, backend="onnx")
+    assert np.abs(ort - eager).max() < 1e-4  # the same network, another kernel library
+    y = src.labels
+    assert abs(roc_auc_score(y, ort) - roc_auc_score(y, eager)) < 0.002
+    path = onnx_backend.model_path(run_copy)
+    assert path.is_file() and path.parent == run_copy.run_dir / "engine"
+    mtime = path.stat().st_mtime_ns
+    again = onnx_backend.OnnxModel(run_copy, 2)
+    assert not again.exported and path.stat().st_mtime_ns == mtime  # exported once, reused
+    tta = predict_probs(run_copy, src.subset(np.arange(20)), tta=8, precision="fp32",
+                        progress=False, backend="onnx")
+    ref = predict_probs(run_copy, src.subset(np.arange(20)), tta=8, precision="fp32",
+                        progress=False)
+    assert np.abs(tta - ref).max() < 1e-4  # the views go through it too
+
+
+def test_a_backend_that_cannot_run_falls_back_to_eager_with_a_note(run_copy, kaggle_sample,
+                                                                   monkeypatch, capsys):
+    src = open_source(kaggle_sample, "train").subset(np.arange(16))
+    eager = predict_probs(run_copy, src, precision="fp32", progress=False)
+
+    def broken(*a, **k):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(onnx_backend, "OnnxModel", broken)
+    got = predict_probs(run_copy, src, precision="fp32", progress=False, backend="onnx")
+    np.testing.assert_array_equal(got, eager)  # eager's own answer, not a wrong one
+    assert "note: ONNX Runtime backend unavailable (ImportError" in capsys.readouterr().err
+    with pytest.raises(PcamLensError, match="Unknown inference backend"):
+        predict_probs(run_copy, src, progress=False, backend="tensorrt")
+
+
+def test_auto_keeps_a_small_job_eager_and_takes_onnx_for_a_large_one(run_copy, kaggle_sample,
+                                                                       monkeypatch):
+    from model.evaluation import inference
+
+    src = open_source(kaggle_sample, "train").subset(np.arange(8))
+    built = []
+    monkeypatch.setattr(inference, "onnx_model", lambda loaded, t: built.append(1))
+    predict_probs(run_copy, src, precision="fp32", progress=False, backend="auto")
+    assert not built  # 8 patches: the export would cost more than it saves
+    monkeypatch.setattr(inference, "AUTO_ONNX_MIN", 8)
+    predict_probs(run_copy, src, precision="fp32", progress=False, backend="auto")
+    assert built == [1]  # large enough (the spy returns None: eager ran, as on a failure)
+    built.clear()
+    predict_probs(run_copy, src, precision="bf16", progress=False, backend="auto")
+    assert not built  # bf16 autocast is eager PyTorch's; ONNX Runtime here is fp32
