@@ -253,11 +253,27 @@ def read_tile_id(slide: Slide, tid: str, patch: int = PATCH) -> np.ndarray:
     return cv2.resize(region, (patch, patch), interpolation=cv2.INTER_AREA)
 
 
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+
+
+def _is_slide_tiff(p: Path) -> bool:
+    try:  # a PCam patch .tif is a plain strip TIFF: OpenSlide does not recognise it
+        return openslide.OpenSlide.detect_format(str(p)) is not None
+    except openslide.OpenSlideError:
+        return False
+
+
 def is_slide_folder(path: Path) -> bool:
-    """A folder of slide files (and no PCam/Kaggle layout): its patches come from review."""
+    """A folder of whole-slide images (scanner formats, or TIFFs OpenSlide recognises as
+    tiled slides), not of patches: its patches come from review."""
     path = Path(path)
-    return path.is_dir() and any(p.suffix.lower() in OPENSLIDE_SUFFIXES and p.is_file()
-                                 for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(p.suffix.lower() in SLIDE_ONLY_SUFFIXES for p in files):
+        return True
+    tiffs = [p for p in files if p.suffix.lower() in (".tif", ".tiff")][:3]
+    return bool(tiffs) and all(_is_slide_tiff(p) for p in tiffs)
 
 
 class SlideTileSource(PatchSource):
