@@ -26,11 +26,13 @@ def hex_rgb(colour: str) -> tuple[int, int, int]:
     return tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
 
 
+VIRIDIS = np.array([pc.unlabel_rgb(c) for c in pc.sample_colorscale(
+    "Viridis", list(np.linspace(0, 1, 256)))]).round().astype(np.uint8)
+
+
 def viridis_rgb(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """[n, 3] uint8 Viridis colours of `values` scaled to [lo, hi]; NaN grey."""
-    lut = np.array([pc.unlabel_rgb(c) for c in
-                    pc.sample_colorscale("Viridis", list(np.linspace(0, 1, 256)))])
-    lut = lut.round().astype(np.uint8)
+    lut = VIRIDIS
     t = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1)
     out = lut[np.nan_to_num(t * 255).astype(int)]
     out[np.isnan(values)] = MISSING_RGB
@@ -94,12 +96,13 @@ def sample_rows(groups: pd.Series | None, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate([keep, rest]))
 
 
-def image_layer(fig: go.Figure, img: Image.Image, box: tuple[float, float, float, float]
-                ) -> None:
-    """Put `img` under the traces, stretched over `box` in data coordinates, and fix the
-    axes to the box so that image and markers stay aligned."""
+def image_layer(fig: go.Figure, img: Image.Image, box: tuple[float, float, float, float],
+                y_down: bool = False) -> None:
+    """Put `img` under the traces, stretched over `box` (x0, x1, y0, y1) in data coordinates,
+    and fix the axes to the box so that image and markers stay aligned. `y_down`: image rows
+    run with y (a slide's pixel coordinates), else against it (a map)."""
     x0, x1, y0, y1 = box
-    fig.add_layout_image(source=img, xref="x", yref="y", x=x0, y=y1, sizex=x1 - x0,
-                         sizey=y1 - y0, sizing="stretch", layer="below")
+    fig.add_layout_image(source=img, xref="x", yref="y", x=x0, y=y0 if y_down else y1,
+                         sizex=x1 - x0, sizey=y1 - y0, sizing="stretch", layer="below")
     fig.update_xaxes(range=[x0, x1], autorange=False)
-    fig.update_yaxes(range=[y0, y1], autorange=False)
+    fig.update_yaxes(range=[y1, y0] if y_down else [y0, y1], autorange=False)

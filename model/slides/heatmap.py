@@ -122,6 +122,11 @@ def compute_heatmap(loaded, slide: Slide, cfg: SlideConfig, progress=True,
                         thumb_downsample=ds, cells=order, seconds=seconds)
 
 
+def tumour_mm2(probs: np.ndarray, grid: SlideGrid, threshold: float) -> float:
+    """Area of the cells at or above `threshold` (cells never run count as no tumour)."""
+    return float((np.nan_to_num(probs, nan=-1.0) >= threshold).sum() * grid.cell_area_mm2)
+
+
 def summarise(hm: SlideHeatmap, threshold: float, slide: Slide) -> dict:
     """Areas in mm², the slide score (max and top-k mean probability), tiles, seconds."""
     vals = hm.probs[np.isfinite(hm.probs)]
@@ -130,7 +135,7 @@ def summarise(hm: SlideHeatmap, threshold: float, slide: Slide) -> dict:
     n = max(hm.seconds.get("tiles", 0.0), 1e-9)
     return {"slide": str(slide.path), "tiles": hm.tiles,
             "tissue_mm2": round(float(hm.tissue.mask.sum() * px_mm2), 4),
-            "tumour_mm2": round(float((vals >= threshold).sum() * hm.grid.cell_area_mm2), 4),
+            "tumour_mm2": round(tumour_mm2(hm.probs, hm.grid, threshold), 4),
             "threshold": threshold,
             "max_prob": round(float(vals.max()), 6) if vals.size else None,
             f"top{TOP_K}_mean_prob": round(float(top.mean()), 6) if top.size else None,

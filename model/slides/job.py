@@ -11,7 +11,6 @@ import hashlib
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from model.core.atomic import write_csv, write_json
@@ -19,7 +18,7 @@ from model.core.errors import DataError, PcamLensError
 from model.data.slides import OPENSLIDE_SUFFIXES, open_slide
 from model.runs.load import weights_path
 from model.slides.geometry import SlideGrid
-from model.slides.heatmap import SlideConfig, compute_heatmap, summarise
+from model.slides.heatmap import SlideConfig, compute_heatmap, summarise, tumour_mm2
 from model.slides.outputs import (
     SlideResult,
     read_result,
@@ -56,6 +55,14 @@ def run_meta(run_dir: Path, checkpoint: str = "best") -> dict:
             "checkpoint_mtime": mtime}
 
 
+def _finished(slide, run_dir: Path, checkpoint: str, cfg: SlideConfig, out: Path
+              ) -> tuple[SlideResult | None, str]:
+    """(the finished result in `out` if its key matches, the key)."""
+    key = result_key(slide, run_meta(run_dir, checkpoint), cfg.result_key())
+    res = read_result(out)
+    return (res if res is not None and res.meta.get("key") == key else None), key
+
+
 def find_result(run_dir: Path, checkpoint: str, slide_path, cfg: SlideConfig,
                 out: Path | None = None) -> SlideResult | None:
     """The finished heatmap of this run, slide and settings, if there is one (no model is
@@ -63,9 +70,7 @@ def find_result(run_dir: Path, checkpoint: str, slide_path, cfg: SlideConfig,
     slide = open_slide(slide_path, mpp=cfg.mpp)
     try:
         out = Path(out) if out is not None else default_out(run_dir, slide.path)
-        res = read_result(out)
-        key = result_key(slide, run_meta(run_dir, checkpoint), cfg.result_key())
-        return res if res is not None and res.meta.get("key") == key else None
+        return _finished(slide, run_dir, checkpoint, cfg, out)[0]
     finally:
         slide.close()
 
@@ -77,14 +82,12 @@ def heatmap_job(loaded, slide_path, cfg: SlideConfig, out: Path | None = None,
     slide = open_slide(slide_path, mpp=cfg.mpp)
     try:
         out = Path(out) if out is not None else default_out(loaded.run_dir, slide.path)
-        key = result_key(slide, run_meta(loaded.run_dir, loaded.checkpoint), cfg.result_key())
-        old = read_result(out) if reuse else None
-        if old is not None and old.meta.get("key") == key:
+        old, key = _finished(slide, loaded.run_dir, loaded.checkpoint, cfg, out)
+        if old is not None and reuse:
             if old.summary.get("threshold") != cfg.threshold:
                 old = rethreshold(old, cfg.threshold)
             return old, True
-        stats = ReadStats()
-        hm = compute_heatmap(loaded, slide, cfg, progress=progress, stats=stats)
+        hm = compute_heatmap(loaded, slide, cfg, progress=progress, stats=ReadStats())
         meta = {"key": key, "run": run_meta(loaded.run_dir, loaded.checkpoint),
                 "settings": cfg.result_key(),
                 "backend": {"device": str(cfg.device or "auto"), "precision": cfg.precision,
@@ -101,9 +104,8 @@ def rethreshold(res: SlideResult, threshold: float) -> SlideResult:
     inference); rewritten in place, file by file (each atomic)."""
     grid: SlideGrid = res.grid
     geo = regions_geojson(res.probs, grid, threshold, Path(res.meta["slide"]["path"]).stem)
-    vals = res.probs[np.isfinite(res.probs)]
     summary = {**res.summary, "threshold": threshold, "regions": len(geo["features"]),
-               "tumour_mm2": round(float((vals >= threshold).sum() * grid.cell_area_mm2), 4)}
+               "tumour_mm2": round(tumour_mm2(res.probs, grid, threshold), 4)}
     write_json(res.dir / "regions.geojson", geo)
     write_json(res.dir / "summary.json", summary)
     return SlideResult(dir=res.dir, probs=res.probs, meta=res.meta, summary=summary)

@@ -95,6 +95,11 @@ def colour_cells(probs: np.ndarray, shape: tuple[int, int], alpha: float = 0.5,
     return out
 
 
+def _blend(rgb: np.ndarray, rgba: np.ndarray) -> np.ndarray:
+    a = rgba[..., 3:4].astype(np.float32) / 255
+    return (rgb[..., :3] * (1 - a) + rgba[..., :3] * a).astype(np.uint8)
+
+
 def overlay(thumb: np.ndarray, probs: np.ndarray, grid: SlideGrid, downsample: float,
             tissue: np.ndarray | None = None, alpha: float = 0.5,
             threshold: float | None = None) -> np.ndarray:
@@ -103,8 +108,7 @@ def overlay(thumb: np.ndarray, probs: np.ndarray, grid: SlideGrid, downsample: f
     # the cell grid covers rows x cols cells, a little more than the slide: crop to it
     gh, gw = round(grid.rows * grid.cell0 / downsample), round(grid.cols * grid.cell0 / downsample)
     layer = colour_cells(probs, (max(gh, h), max(gw, w)), alpha, threshold)[:h, :w]
-    a = layer[..., 3:4].astype(np.float32) / 255
-    out = (thumb[..., :3] * (1 - a) + layer[..., :3] * a).astype(np.uint8)
+    out = _blend(thumb, layer)
     if tissue is not None:
         contours, _ = cv2.findContours(tissue.astype(np.uint8), cv2.RETR_EXTERNAL,
                                        cv2.CHAIN_APPROX_SIMPLE)
@@ -223,6 +227,4 @@ def region_view(slide: Slide, probs: np.ndarray, grid: SlideGrid,
     layer = layer[oy:oy + oh, ox:ox + ow]
     pad = np.zeros((oh, ow, 4), np.uint8)
     pad[:layer.shape[0], :layer.shape[1]] = layer
-    a = pad[..., 3:4].astype(np.float32) / 255
-    out = (rgb * (1 - a) + pad[..., :3] * a).astype(np.uint8)
-    return out, (x0, y0, x1, y1), scale
+    return _blend(rgb, pad), (x0, y0, x1, y1), scale

@@ -196,7 +196,7 @@ def write_synthetic_slide(path: Path, size: int = DEFAULT_SIZE, seed: int = 0,
         for factor, arr in reduced.items():
             tif.write(arr, subfiletype=1, **{**kw, "resolution": (res[0] / factor,
                                                                   res[1] / factor)})
-    truth = SlideTruth(cells=cells, regions=[{k: v for k, v in q.items()} for q in regions])
+    truth = SlideTruth(cells=cells, regions=regions)
     with atomic_open(truth_paths(path)[0], "wb") as f:
         np.lib.format.write_array(f, cells, allow_pickle=False)
     write_json(truth_paths(path)[1], {"size": size, "seed": seed, "mpp": PCAM_MPP,

@@ -13,9 +13,9 @@ import streamlit as st
 from PIL import Image
 
 from model.core.errors import PcamLensError
-from model.slides.heatmap import SlideConfig
+from model.slides.heatmap import SlideConfig, tumour_mm2
 from viewer import components as ui
-from viewer import frame, jobs, preds
+from viewer import frame, jobs, preds, scatter
 from viewer import slides as sl
 
 FIG_HEIGHT = 640
@@ -63,10 +63,9 @@ def _image_figure(img: np.ndarray, box0: tuple, points: go.Scattergl) -> go.Figu
     """The image stretched over its level-0 box, y down like the slide, cells on top."""
     x0, y0, x1, y1 = box0
     fig = go.Figure(points)
-    fig.add_layout_image(source=Image.fromarray(img), xref="x", yref="y", x=x0, y=y0,
-                         sizex=x1 - x0, sizey=y1 - y0, sizing="stretch", layer="below")
-    fig.update_xaxes(range=[x0, x1], visible=False, constrain="domain")
-    fig.update_yaxes(range=[y1, y0], visible=False, scaleanchor="x")
+    scatter.image_layer(fig, Image.fromarray(img), (x0, x1, y0, y1), y_down=True)
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, scaleanchor="x")
     fig.update_layout(height=FIG_HEIGHT, margin=dict(l=0, r=0, t=0, b=0), dragmode="select",
                       clickmode="event+select",
                       plot_bgcolor="white")
@@ -107,13 +106,12 @@ def _cell_at(res, box: tuple | None) -> tuple[int, int] | None:
 
 def _summary(res, threshold: float) -> None:
     s, g = res.summary, res.grid
-    vals = res.probs[np.isfinite(res.probs)]
-    hot = int((vals >= threshold).sum())
     cols = st.columns(5)
     cols[0].metric("Tiles run", f"{s['tiles']:,}", help=f"{g.rows} x {g.cols} cells of "
                    f"{g.cell0:.1f} level-0 px, level {g.level}, resampled x{g.scale:.3f}")
     cols[1].metric("Tissue", f"{s['tissue_mm2']:.2f} mm²")
-    cols[2].metric(f"Tumour at p ≥ {threshold:.2f}", f"{hot * g.cell_area_mm2:.3f} mm²")
+    cols[2].metric(f"Tumour at p ≥ {threshold:.2f}",
+                   f"{tumour_mm2(res.probs, g, threshold):.3f} mm²")
     cols[3].metric("Slide score (max p)", f"{s['max_prob']:.3f}",
                    help=f"mean of the top 10 cells: {s.get('top10_mean_prob', 0):.3f}")
     cols[4].metric("Time", f"{s['seconds']['total']:.1f} s", help=f"{s['tiles_per_s']:.0f} "
