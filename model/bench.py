@@ -6,17 +6,24 @@
         --synthetic-n 220025 --compile             # GPU training throughput on a full-size set
     python -m model.bench --quick                  # tiny, seconds (the tests)
     python -m model.bench --slide --run runs/<name>  # slide heatmaps vs the naive tile loop
+    python -m model.bench --inference --run runs/<name>  # files -> submission, 24,000 real
+                                                   # patches: stock vs ours, every backend
     python -m model.bench --label-noise 0.1 --data ../shared/data/pcam-sample --out runs/ln
                                                    # the review-loop experiment (minutes)
 
-What each row measures, and how: model/benchmarks/suite.py; the label-noise experiment:
-model/benchmarks/label_noise.py.
+What each row measures, and how: model/benchmarks/suite.py; end-to-end inference:
+model/benchmarks/inference.py; the label-noise experiment: model/benchmarks/label_noise.py.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from model.benchmarks.inference import (
+    InferenceBenchConfig,
+    format_inference_report,
+    run_inference_bench,
+)
 from model.benchmarks.label_noise import NoiseConfig, run_label_noise, score_crossval
 from model.benchmarks.slide import bench_slide
 from model.benchmarks.suite import FULL_KAGGLE_N, Settings, default_data, format_report, run_bench
@@ -67,11 +74,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default=None, metavar="N1,N2",
                    help="also measure peak RSS of predict_probs over these numbers of "
                         "synthetic patches (each in a fresh process)")
+    inf = p.add_argument_group("end-to-end inference, files -> submission (instead of the "
+                               "speed rows)")
+    inf.add_argument("--inference", action="store_true",
+                     help="stock fastai (num_workers=0 and default) vs model.predict with each "
+                          "backend, each in its own process, on --n files (default 24000: the "
+                          "sample repeated) of --data, with --run's weights")
+    inf.add_argument("--backends", default="auto,eager,compile,onnx",
+                     help="model.predict backends to time (default %(default)s)")
     sl = p.add_argument_group("slide heatmap speed (instead of the speed rows)")
     sl.add_argument("--slide", nargs="?", const="synthetic", default=None, metavar="PATH",
                     help="time model.slide's path against the naive per-tile loop (default "
                          "slide: the synthetic demo)")
-    sl.add_argument("--run", type=Path, default=None, help="the run for --slide")
+    sl.add_argument("--run", type=Path, default=None, help="the run for --slide / --inference")
     sl.add_argument("--backend", choices=["eager", "compile", "onnx"], default="eager",
                     help="how ours runs the network for --slide (the naive loop: eager)")
     sl.add_argument("--naive-tiles", type=int, default=256,
@@ -95,6 +110,20 @@ def noise_config(args) -> NoiseConfig:
     return NoiseConfig(data=args.data or default_data(), rate=args.label_noise, out=args.out,
                        seed=args.seed, cv=CVConfig(train=train, folds=args.folds,
                                                    finetune_epochs=args.finetune_epochs))
+
+
+def inference_config(args) -> InferenceBenchConfig:
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    bad = [b for b in backends if b not in ("auto", "eager", "compile", "onnx")]
+    if bad or not backends:
+        raise DataError(f"--backends {args.backends!r}: unknown {', '.join(bad) or 'empty'}.",
+                        fix="Use a comma list of auto, eager, compile, onnx.")
+    n = args.n if args.n is not None else 64 if args.quick else 24_000
+    if n < 2:
+        raise DataError("--n must be at least 2 for --inference.")
+    return InferenceBenchConfig(run=args.run, data=args.data or default_data(), n=n,
+                                backends=backends, stock=("0",) if args.quick else
+                                ("0", "default"), model_n=min(n, 256 if args.quick else 2048))
 
 
 def settings_from_args(args) -> Settings:
@@ -151,6 +180,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 write_json(args.json, {**b.__dict__, "speedup": b.speedup,
                                        "of_model": b.of_model})
+            return
+        if args.inference:
+            if args.run is None:
+                raise DataError("--inference needs --run RUN (the model to time).",
+                                fix="Add --run runs/<name>.")
+            load_run(args.run)  # a bad run fails here, before minutes of set-up
+            res = run_inference_bench(inference_config(args))
+            print(format_inference_report(res))
+            if args.json:
+                write_json(args.json, res)
             return
         if args.label_noise is not None:
             run_label_noise(noise_config(args))

@@ -25,11 +25,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.core.atomic import write_csv
+from model.core.atomic import write_csv, write_json
 from model.core.cli import add_inference_options, run_cli
 from model.core.errors import DataError, RunError
 from model.data.open import open_source
-from model.evaluation.predict import _summary, merge_parts, parse_shard, predict_source
+from model.evaluation.engine import describe_engine
+from model.evaluation.predict import (
+    _summary,
+    merge_parts,
+    metadata_path,
+    parse_shard,
+    predict_source,
+)
 from model.runs.format import default_submission_path
 from model.training import distributed
 from model.training.distributed import env_dist
@@ -75,15 +82,16 @@ def run(args) -> str:
         if d is not None and d.enabled:
             return run_torchrun(args)
     shard = parse_shard(args.shard) if args.shard else None
-    loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
-                                        batch_size=args.batch_size, checkpoint=args.checkpoint,
-                                        shard=shard, precision=args.precision,
-                                        compile=args.compile, backend=args.backend,
-                                        progress=not args.no_progress)
+    loaded, source, df, record = predict_source(
+        args.run_dir, args.data, tta=args.tta, batch_size=args.batch_size,
+        checkpoint=args.checkpoint, shard=shard, precision=args.precision,
+        compile=args.compile, backend=args.backend, progress=not args.no_progress)
     out = args.out or default_submission_path(args.run_dir, args.data, shard)
     write_csv(out, df)
+    write_json(metadata_path(out), record)
     extra = f" (shard {shard[0]}/{shard[1]} of {len(source)})" if shard else ""
-    return _summary(df, out, extra) + _notes(loaded, source)
+    return (_summary(df, out, extra) + f"\nEngine: {describe_engine(record['engine'])}; "
+            f"{record['seconds']:.1f} s" + _notes(loaded, source))
 
 
 def _notes(loaded, source) -> str:
@@ -110,12 +118,11 @@ def run_torchrun(args) -> str:
     d = distributed.init("cpu", backend="gloo")  # the processes only meet at barriers
     try:
         out = args.out or default_submission_path(args.run_dir, args.data)
-        loaded, source, df = predict_source(args.run_dir, args.data, tta=args.tta,
-                                            batch_size=args.batch_size,
-                                            checkpoint=args.checkpoint, shard=(d.rank, d.world),
-                                            precision=args.precision, compile=args.compile,
-                                            backend=args.backend,
-                                            progress=d.is_main and not args.no_progress)
+        loaded, source, df, record = predict_source(
+            args.run_dir, args.data, tta=args.tta, batch_size=args.batch_size,
+            checkpoint=args.checkpoint, shard=(d.rank, d.world), precision=args.precision,
+            compile=args.compile, backend=args.backend,
+            progress=d.is_main and not args.no_progress)
         write_csv(_part_path(out, d.rank, d.world), df)
         d.barrier()  # every part is written
         if not d.is_main:
@@ -123,9 +130,13 @@ def run_torchrun(args) -> str:
         parts = [_part_path(out, r, d.world) for r in range(d.world)]
         merged = merge_parts(parts, source)
         write_csv(out, merged)
+        write_json(metadata_path(out), dict(record, shard=None, n=len(merged),
+                                            processes=d.world))
         for part in parts:
             part.unlink(missing_ok=True)
-        return _summary(merged, out, f" ({d.world} processes)") + _notes(loaded, source)
+        return (_summary(merged, out, f" ({d.world} processes)")
+                + f"\nEngine (rank 0): {describe_engine(record['engine'])}"
+                + _notes(loaded, source))
     finally:
         distributed.shutdown(d)
 

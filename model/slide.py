@@ -26,6 +26,7 @@ from model.core.atomic import write_json
 from model.core.cli import run_cli
 from model.core.errors import DataError
 from model.core.progress import ProgressFile
+from model.evaluation.engine import describe_engine
 from model.runs.format import default_runs_root, list_runs
 from model.runs.load import load_run, weights_path
 from model.slides.heatmap import SlideConfig
@@ -91,6 +92,8 @@ def _one(loaded, path: Path, cfg: SlideConfig, args) -> str:
              f"top-10 mean {s['top10_mean_prob']:.3f}"
              + (" (reused)" if reused else
                 f"; {s['seconds']['total']:.1f} s, {s['tiles_per_s']:.0f} tiles/s")]
+    if not reused and s.get("engine"):
+        lines.append(f"engine: {describe_engine(s['engine'])}")
     truth = read_truth(path)
     if truth is not None:
         score = score_heatmap(res.probs, truth, cfg.threshold)
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir is None:
             args.run_dir = _newest_run()
             print(f"run: {args.run_dir}")
-        loaded = load_run(args.run_dir, args.checkpoint)
+        loaded = load_run(args.run_dir, args.checkpoint, lazy=True)
         if args.slide is None:
             path, _ = synthetic_slide(args.synthetic_size, log=None if args.no_progress
                                       else print)

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from model.core.errors import PcamLensError
 from model.data.open import open_source
-from model.evaluation import onnx_backend
+from model.evaluation import engine, onnx_backend
 from model.evaluation.inference import predict_probs
 from model.runs.load import load_run
 
@@ -61,14 +61,12 @@ def test_a_backend_that_cannot_run_falls_back_to_eager_with_a_note(run_copy, kag
 
 def test_auto_keeps_a_small_job_eager_and_takes_onnx_for_a_large_one(run_copy, kaggle_sample,
                                                                        monkeypatch):
-    from model.evaluation import inference
-
     src = open_source(kaggle_sample, "train").subset(np.arange(8))
     built = []
-    monkeypatch.setattr(inference, "onnx_model", lambda loaded, t: built.append(1))
+    monkeypatch.setattr(onnx_backend, "onnx_model", lambda loaded, t: built.append(1))
     predict_probs(run_copy, src, precision="fp32", progress=False, backend="auto")
     assert not built  # 8 patches: the export would cost more than it saves
-    monkeypatch.setattr(inference, "AUTO_ONNX_MIN", 8)
+    monkeypatch.setattr(engine, "AUTO_ONNX_MIN", 8)
     predict_probs(run_copy, src, precision="fp32", progress=False, backend="auto")
     assert built == [1]  # large enough (the spy returns None: eager ran, as on a failure)
     built.clear()

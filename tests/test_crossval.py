@@ -178,7 +178,7 @@ def test_ensemble_is_the_mean_of_its_members(tiny_cv, kaggle_sample, tmp_path):
                                                         precision="fp32"))
     assert np.allclose(mean, members.mean(1))
     # model.predict on a cross-validation directory: the same mean, in submission form
-    _, _, sub = predict_source(tiny_cv, str(kaggle_sample), progress=False, precision="fp32")
+    _, _, sub, _ = predict_source(tiny_cv, str(kaggle_sample), progress=False, precision="fp32")
     assert list(sub["id"]) == list(src.ids) and np.allclose(sub["label"], mean)
     # model.evaluate on a cross-validation directory: the ensemble, with member AUCs, on a
     # small labelled folder (60 patches of the sample; train/ is a link)

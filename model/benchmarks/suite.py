@@ -65,7 +65,8 @@ from model.data.pack import load_pack
 from model.data.packing import pack
 from model.data.splits import stratified_split
 from model.data.synthetic import SyntheticSource
-from model.evaluation.inference import predict_probs, resolve_amp
+from model.evaluation.engine import resolve_amp
+from model.evaluation.inference import predict_probs
 from model.nets.archs import TORCHVISION_ARCHS
 from model.nets.gradcam import gradcam, gradcam_layers
 from model.nets.transforms import InputConfig, prepare
@@ -85,7 +86,7 @@ from model.training.learner import build_for_new_run, make_learner
 from model.training.loop import write_new_run_files
 from model.training.prepare import prepare_new
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # model/benchmarks/suite.py -> the repository
 ROW_KEYS = ("read_kaggle", "read_h5", "read_packed", "train", "infer", "infer_tta8", "gradcam")
 FULL_KAGGLE_N = 220_025
 

@@ -27,8 +27,8 @@ from model.core.atomic import write_csv, write_json
 from model.core.errors import DataError, RunError
 from model.data.open import open_source, reopen_source
 from model.evaluation import metrics as M
-from model.evaluation.ensemble import Ensemble, load_ensemble, predict_ensemble
-from model.evaluation.inference import check_tta, predict_probs
+from model.evaluation.ensemble import Ensemble, load_ensemble, predict_run
+from model.evaluation.inference import check_tta
 from model.runs.crossval import is_crossval
 from model.runs.format import default_out_dir
 from model.runs.load import load_run
@@ -153,7 +153,7 @@ def _metrics(loaded, run_dir: Path, rows: _Rows, probs: np.ndarray, *, threshold
 def load_model(run_dir: Path, checkpoint: str = "best"):
     """A run's model, or the ensemble of a cross-validation directory's fold models."""
     return load_ensemble(run_dir, checkpoint) if is_crossval(run_dir) else load_run(
-        run_dir, checkpoint)
+        run_dir, checkpoint, lazy=True)  # built only if the engine needs the network
 
 
 def _with_members(df: pd.DataFrame, labels: np.ndarray, members: np.ndarray
@@ -204,15 +204,13 @@ def evaluate_run(run_dir, data=None, out=None, *, checkpoint: str = "best",
     t0 = time.time()
     kw = dict(tta=tta, indices=rows.indices, progress=progress, batch_size=batch_size,
               precision=precision, compile=compile, backend=backend)
-    members = None
-    if isinstance(loaded, Ensemble):
-        probs, members = predict_ensemble(loaded, rows.source, **kw)
-    else:
-        probs = predict_probs(loaded, rows.source, **kw)
+    pred = predict_run(loaded, rows.source, **kw)
+    probs, members = pred.probs, pred.members
     seconds = time.time() - t0
     df = M.prediction_table(rows.ids, rows.labels, probs, threshold)
     metrics = _metrics(loaded, run_dir, rows, probs, threshold=threshold, n_boot=n_boot,
                        target_sensitivity=target_sensitivity, tta=tta, seconds=seconds)
+    metrics["engine"] = pred.engine
     if members is not None:
         df, metrics["ensemble"] = _with_members(df, rows.labels, members)
     _write_outputs(out_dir, df, rows.labels, probs, metrics, threshold)

@@ -34,7 +34,7 @@ from model.core.atomic import storage_error, write_json
 from model.core.errors import DataError
 from model.data.base import PatchSource, ids_fingerprint
 from model.data.batches import iter_batches
-from model.evaluation.inference import resolve_amp
+from model.evaluation.engine import resolve_amp
 from model.nets.transforms import InputConfig, dihedral, prepare
 
 FORMAT = "pcam-lens-features"

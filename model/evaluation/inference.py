@@ -19,9 +19,6 @@ so the prediction is invariant to flipping or rotating the patch by 90 degrees.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
@@ -30,17 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from model.core.errors import DataError, PcamLensError, one_line
-from model.core.runtime import cpu_has_bf16
 from model.data.batches import iter_batches
-from model.evaluation.onnx_backend import model_path as onnx_model_path
-from model.evaluation.onnx_backend import onnx_available, onnx_model
+from model.evaluation.engine import Engine, build_engine
 from model.nets.transforms import as_patch_array, dihedral, prepare
 
-PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("auto", "eager", "compile", "onnx")  # onnx: ONNX Runtime on the CPU
-# auto takes ONNX Runtime for a CPU fp32 job of at least this many forward passes (its one-off
-# export, ~10 s, then pays: 1.6x the network's speed), or when the run's export exists
-AUTO_ONNX_MIN = 20_000
 Progress = bool | Callable[[int, int], None]
 
 
@@ -64,54 +54,6 @@ def _check_batch_size(batch_size) -> int:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise DataError(f"batch_size must be a positive whole number; got {batch_size!r}.")
     return int(batch_size)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def resolve_amp(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32.
-
-    auto: bf16 on CUDA and on CPUs with native bf16 (model.train.cpu_has_bf16), else fp32."""
-
-    if precision not in PRECISIONS:
-        raise PcamLensError(f"Unknown precision {precision!r}.",
-                            fix=f"Use one of: {', '.join(PRECISIONS)}.")
-    if precision == "fp32":
-        return None
-    if precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _model_on(loaded, device) -> tuple[torch.nn.Module, torch.device]:
-    """The run's model on `device` (None = where it already is). A model living elsewhere is
-    copied, never moved: the loaded model may be shared (viewer sessions)."""
-    model = loaded.model
-    here = _model_device(model)
-    if device is None:
-        return model, here
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PcamLensError("device cuda was asked for but no CUDA GPU is visible.",
-                            fix="Use the CPU (device=None / 'cpu').")
-    if device.type == here.type and (device.index is None or device.index == here.index):
-        return model, here
-    return copy.deepcopy(model).to(device), device
-
-
-def _set_threads(device: torch.device) -> None:
-    n = os.cpu_count() or 1
-    if device.type == "cpu" and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 class _Progress:
@@ -140,55 +82,23 @@ class _Progress:
             self.bar.close()
 
 
-def _view_probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int,
-                         device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+def _view_probs_of_batch(engine: Engine, x_uint8: torch.Tensor, loaded, views: int
+                         ) -> torch.Tensor:
     """float32 [B, views] P(class 1) of one uint8 [B,H,W,3] batch, one column per TTA view."""
-    x = prepare(x_uint8.to(device, non_blocking=True), loaded.input)
+    x = prepare(x_uint8.to(engine.device, non_blocking=True), loaded.input)
     cols = []
     for k in range(views):
         xv = x if k == 0 else dihedral(x, k).contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
-            logits = model(xv)
+        with engine.autocast():
+            logits = engine.model(xv)
         cols.append(torch.softmax(logits.float(), dim=1)[:, 1])
     return torch.stack(cols, dim=1)
 
 
-def _probs_of_batch(model, x_uint8: torch.Tensor, loaded, views: int, device: torch.device,
-                    amp: torch.dtype | None) -> torch.Tensor:
+def _probs_of_batch(engine: Engine, x_uint8: torch.Tensor, loaded, views: int) -> torch.Tensor:
     """float32 [B] P(class 1) of one uint8 [B,H,W,3] batch, averaged over `views` TTA views."""
-    p = _view_probs_of_batch(model, x_uint8, loaded, views, device, amp)
+    p = _view_probs_of_batch(engine, x_uint8, loaded, views)
     return p.mean(dim=1) if views > 1 else p[:, 0]
-
-
-class _Compiled:
-    """The model through `torch.compile` (inductor, weights frozen into the graph: BN folded
-    into the convolutions, oneDNN weight packing). One static graph serves every batch: a
-    short last batch is padded to the first batch's size, since a second shape would mean a
-    second compilation. Compiling takes tens of seconds and then speeds up the forward pass
-    (README, Performance: the figures), so it pays on large sets only. If
-    compiling fails (no C++ compiler, an unsupported op), prediction goes on without it."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model, self.fn, self.rows = model, torch.compile(model, dynamic=False), None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fn is None:
-            return self.model(x)
-        n = len(x)
-        self.rows = self.rows or n
-        if n < self.rows:
-            x = torch.cat([x, x.new_zeros((self.rows - n, *x.shape[1:]))]).contiguous(
-                memory_format=torch.channels_last)
-        try:
-            import torch._inductor.config as inductor_config
-
-            with inductor_config.patch(freezing=True):
-                return self.fn(x)[:n]
-        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say so)
-            print(f"note: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); "
-                  "predicting without it.", file=sys.stderr)
-            self.fn = None
-            return self.model(x[:n])
 
 
 def _guarded(batches: Iterable) -> Iterator:
@@ -201,51 +111,29 @@ def _guarded(batches: Iterable) -> Iterator:
         raise clean from None
 
 
-def _auto_backend(loaded, device: torch.device, amp, passes: int) -> str:
-    if device.type != "cpu" or amp is not None or not onnx_available():
-        return "eager"
-    cached = onnx_model_path(loaded).exists()
-    return "onnx" if cached or passes >= AUTO_ONNX_MIN else "eager"
-
-
-def _backend_model(loaded, model, device: torch.device, backend: str, amp, passes: int = 0):
-    """(callable, amp) for `backend`; a backend that cannot run here falls back to eager."""
-    if backend not in BACKENDS:
-        raise PcamLensError(f"Unknown inference backend {backend!r}.",
-                            fix=f"Use one of: {', '.join(BACKENDS)}.")
-    if backend == "auto":
-        backend = _auto_backend(loaded, device, amp, passes)
-    if backend == "compile":
-        return _Compiled(model), amp
-    if backend == "onnx":
-        if device.type != "cpu" or amp is not None:
-            print(f"note: the ONNX Runtime backend runs fp32 on the CPU; predicting with "
-                  f"eager PyTorch on {device.type}"
-                  + (" in bf16" if amp is not None else "") + ".", file=sys.stderr)
-            return model, amp
-        ort_model = onnx_model(loaded, torch.get_num_threads())
-        return (ort_model, None) if ort_model is not None else (model, amp)
-    return model, amp
+def engine_for(loaded, n: int, *, tta: int = 1, backend: str = "eager",
+               precision: str = "auto", device=None, compile: bool = False) -> Engine:
+    """The engine a job of `n` patches x `tta` views gets (model.evaluation.engine)."""
+    return build_engine(loaded, backend="compile" if compile else backend,
+                        precision=precision, device=device, passes=n * check_tta(tta))
 
 
 def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: int,
          progress: Progress, precision: str, device, desc: str,
-         compile: bool = False, per_view: bool = False, backend: str = "eager"
-         ) -> np.ndarray:
+         compile: bool = False, per_view: bool = False, backend: str = "eager",
+         engine: Engine | None = None) -> np.ndarray:
     """[n] mean probabilities, or [n, tta] one column per view with `per_view`."""
     views = check_tta(tta)
-    model, device = _model_on(loaded, device)
-    amp = resolve_amp(precision, device)
-    _set_threads(device)
-    model, amp = _backend_model(loaded, model, device, "compile" if compile else backend, amp,
-                                passes=n * views)
+    if engine is None:
+        engine = engine_for(loaded, n, tta=views, backend=backend, precision=precision,
+                            device=device, compile=compile)
     out = np.empty((n, views) if per_view else n, np.float64)
     bar = _Progress(progress, n, desc)
     step = _view_probs_of_batch if per_view else _probs_of_batch
     try:
         with torch.inference_mode():
             for start, x in _guarded(batches):
-                p = step(model, x, loaded, views, device, amp)
+                p = step(engine, x, loaded, views)
                 out[start:start + len(p)] = p.double().cpu().numpy()
                 bar.update(len(p))
     finally:
@@ -259,7 +147,7 @@ def _run(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *, tta: in
 def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
                   indices=None, progress: Progress = True, precision: str = "auto",
                   device=None, compile: bool = False, per_view: bool = False,
-                  backend: str = "eager") -> np.ndarray:
+                  backend: str = "eager", engine: Engine | None = None) -> np.ndarray:
     """float64 P(class index 1) for every patch of `source` (or for `indices`), in order.
     With `per_view`: [n, tta], the probability of each dihedral view (their mean is the TTA
     prediction, their spread a measure of uncertainty).
@@ -272,6 +160,8 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
     `compile`: run the model through torch.compile first (see _Compiled: for large sets).
     `backend`: "eager", "compile" (= compile=True) or "onnx" (ONNX Runtime on the CPU, fp32;
     see model.evaluation.onnx_backend); one that cannot run falls back to eager with a note.
+    `engine`: an engine built already (`engine_for`; its `choice` says what ran) instead of
+    backend/precision/device/compile.
     Memory is bounded by `batch_size`: patches are read batch by batch, never all at once."""
 
     batch_size = _check_batch_size(batch_size)
@@ -292,23 +182,24 @@ def predict_probs(loaded, source, *, tta: int = 1, batch_size: int = 256,
         return np.empty((0, tta) if per_view else 0, np.float64)
     # A model on the CPU already keeps every core busy: read in this process between batches,
     # not in worker processes (model.data.iter_batches); one batch is not worth them either.
-    on_cpu = (torch.device(device) if device is not None
-              else _model_device(loaded.model)).type == "cpu"
-    batches = iter_batches(src, batch_size, workers=0 if on_cpu or n <= batch_size else None)
+    where = engine.device if engine is not None else (
+        torch.device(device) if device is not None else loaded.device)
+    batches = iter_batches(src, batch_size,
+                           workers=0 if where.type == "cpu" or n <= batch_size else None)
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
                 device=device, compile=compile, per_view=per_view, backend=backend,
-                desc=f"predicting {n} patches" + (f" (TTA x{tta})"
+                engine=engine, desc=f"predicting {n} patches" + (f" (TTA x{tta})"
                                                                   if tta > 1 else ""))
 
 
 def predict_batches(loaded, batches: Iterable[tuple[int, torch.Tensor]], n: int, *,
                     tta: int = 1, progress: Progress = True, precision: str = "auto",
                     device=None, compile: bool = False, desc: str = "predicting",
-                    backend: str = "eager") -> np.ndarray:
+                    backend: str = "eager", engine: Engine | None = None) -> np.ndarray:
     """Like `predict_probs` for batches from elsewhere (e.g. the tiles of a slide):
     (start, uint8 [B,H,W,3]) pairs covering rows 0..n-1; float64 [n]."""
     return _run(loaded, batches, n, tta=tta, progress=progress, precision=precision,
-                device=device, compile=compile, desc=desc, backend=backend)
+                device=device, compile=compile, desc=desc, backend=backend, engine=engine)
 
 
 def _array_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -318,7 +209,7 @@ def _array_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, torch.
 
 def predict_arrays(loaded, x_uint8: np.ndarray, tta: int = 1, batch_size: int = 256, *,
                    progress: Progress = False, precision: str = "auto",
-                   device=None) -> np.ndarray:
+                   device=None, engine: Engine | None = None) -> np.ndarray:
     """Like `predict_probs` for in-memory uint8 patches [N,H,W,3] (or one [H,W,3])."""
     x = as_patch_array(x_uint8)
     batch_size = _check_batch_size(batch_size)
@@ -329,7 +220,8 @@ def predict_arrays(loaded, x_uint8: np.ndarray, tta: int = 1, batch_size: int = 
     if len(x) == 0:
         return np.empty(0, np.float64)
     return _run(loaded, _array_batches(x, batch_size), len(x), tta=tta, progress=progress,
-                precision=precision, device=device, desc=f"predicting {len(x)} patches")
+                precision=precision, device=device, engine=engine,
+                desc=f"predicting {len(x)} patches")
 
 
 def shard_indices(n: int, rank: int, world: int) -> np.ndarray:

@@ -5,6 +5,7 @@ line around them is model/predict.py.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import pandas as pd
 
 from model.core.errors import DataError
 from model.data.open import open_source
-from model.evaluation.ensemble import Ensemble, predict_ensemble
+from model.evaluation.ensemble import predict_run
 from model.evaluation.evaluate import load_model
-from model.evaluation.inference import check_tta, predict_probs, shard_indices
+from model.evaluation.inference import check_tta, shard_indices
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -36,7 +37,8 @@ def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
                    checkpoint: str = "best", shard: tuple[int, int] | None = None,
                    precision: str = "auto", progress=True, compile: bool = False,
                    backend: str = "eager"):
-    """(loaded run, source, DataFrame id,label[,index]) for the test split at `data`."""
+    """(loaded run, source, DataFrame id,label[,index], record) for the test split at `data`;
+    the record (for the file beside the submission) says what ran: engine, TTA, seconds."""
 
     check_tta(tta)
     loaded = load_model(run_dir, checkpoint)
@@ -44,15 +46,17 @@ def predict_source(run_dir, data, *, tta: int = 1, batch_size: int = 256,
     indices = None if shard is None else shard_indices(len(source), *shard)
     kw = dict(tta=tta, batch_size=batch_size, indices=indices, progress=progress,
               precision=precision, compile=compile, backend=backend)
-    if isinstance(loaded, Ensemble):  # a cross-validation directory: its fold models' mean
-        probs, _ = predict_ensemble(loaded, source, **kw)
-    else:
-        probs = predict_probs(loaded, source, **kw)
+    t0 = time.perf_counter()
+    pred = predict_run(loaded, source, **kw)  # a cross-validation directory: the folds' mean
+    record = {"run": str(run_dir), "checkpoint": loaded.checkpoint, "data": str(data),
+              "n": len(pred.probs), "tta": int(tta), "shard": list(shard) if shard else None,
+              "engine": pred.engine, "seconds": round(time.perf_counter() - t0, 2),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if indices is None:
-        return loaded, source, _submission(source.ids, probs)
-    df = _submission([source.ids[i] for i in indices], probs)
+        return loaded, source, _submission(source.ids, pred.probs), record
+    df = _submission([source.ids[i] for i in indices], pred.probs)
     df["index"] = indices
-    return loaded, source, df
+    return loaded, source, df, record
 
 
 def _describe_ids(ids: list[str], limit: int = 10) -> str:
@@ -138,6 +142,13 @@ def merge_parts(parts: list[Path], source) -> pd.DataFrame:
                             "all part files.")
     df = df.sort_values("index", kind="mergesort")
     return _submission(df["id"], df["label"])
+
+
+def metadata_path(out: Path) -> Path:
+    """The record beside a submission (CSVW's naming: submission.csv-metadata.json): the CSV
+    itself stays Kaggle's id,label."""
+    out = Path(out)
+    return out.with_name(out.name + "-metadata.json")
 
 
 def _summary(df: pd.DataFrame, out: Path, extra: str = "") -> str:

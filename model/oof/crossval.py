@@ -33,7 +33,7 @@ from model.core.errors import RunError
 from model.data.base import ids_fingerprint
 from model.data.splits import Split, fold_assignment
 from model.evaluation.features import cached_features, head_after_pool
-from model.evaluation.inference import predict_probs
+from model.evaluation.inference import engine_for, predict_probs
 from model.evaluation.label_issues import label_issues
 from model.evaluation.metrics import per_patch_losses, roc_auc, summary
 from model.nets.transforms import InputConfig
@@ -399,7 +399,11 @@ def _views_part(d: Path, data: PreparedData, rows: np.ndarray, probs: np.ndarray
 def _finetuned_views(d: Path, data: PreparedData, folds: np.ndarray, k: int,
                      views: int) -> pd.DataFrame:
     rows = np.flatnonzero(folds == k)
-    probs = predict_probs(load_run(d), data.source, tta=views, indices=rows, per_view=True)
+    loaded = load_run(d)
+    engine = engine_for(loaded, len(rows), tta=views, backend="auto")
+    probs = predict_probs(loaded, data.source, tta=views, indices=rows, per_view=True,
+                          engine=engine)
+    write_json(d / "oof_views.csv-metadata.json", {"engine": engine.choice.to_dict()})
     return _views_part(d, data, rows, probs)
 
 

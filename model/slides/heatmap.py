@@ -19,7 +19,7 @@ import numpy as np
 
 from model.core.errors import DataError
 from model.data.slides import Slide
-from model.evaluation.inference import check_tta, predict_batches
+from model.evaluation.inference import check_tta, engine_for, predict_batches
 from model.slides.geometry import SlideGrid, plan_grid
 from model.slides.tiles import ReadStats, iter_tiles, tile_order
 from model.slides.tissue import TissueMask, detect_tissue
@@ -41,7 +41,7 @@ class SlideConfig:
     batch_size: int = 256
     precision: str = "auto"
     device: str | None = None
-    backend: str = "eager"  # or auto / onnx / compile (model.evaluation.inference.BACKENDS)
+    backend: str = "eager"  # or auto / onnx / compile (model.evaluation.engine.BACKENDS)
 
     def validate(self) -> SlideConfig:
         check_tta(self.tta)
@@ -70,6 +70,7 @@ class SlideHeatmap:
     thumb_downsample: float
     cells: np.ndarray  # [n, 2] (row, col) of the tiles, in the order they were run
     seconds: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # what ran (model.evaluation.engine)
 
     @property
     def tiles(self) -> int:
@@ -109,9 +110,10 @@ def compute_heatmap(loaded, slide: Slide, cfg: SlideConfig, progress=True,
     order = tile_order(cells)
     stats = stats if stats is not None else ReadStats()
     batches = iter_tiles(slide, grid, order, cfg.batch_size, stats=stats)
+    engine = engine_for(loaded, len(order), tta=cfg.tta, backend=cfg.backend,
+                        precision=cfg.precision, device=cfg.device)
     p = predict_batches(loaded, batches, len(order), tta=cfg.tta, progress=progress,
-                        precision=cfg.precision, device=cfg.device, backend=cfg.backend,
-                        desc=f"{slide.name}: {len(order):,} tiles")
+                        engine=engine, desc=f"{slide.name}: {len(order):,} tiles")
     t2 = time.perf_counter()
     probs = np.full((grid.rows, grid.cols), np.nan, np.float32)
     probs[order[:, 0], order[:, 1]] = p
@@ -119,7 +121,8 @@ def compute_heatmap(loaded, slide: Slide, cfg: SlideConfig, progress=True,
                "read": round(stats.read_s, 3), "waited_for_reading": round(stats.wait_s, 3),
                "total": round(t2 - t0, 3)}
     return SlideHeatmap(probs=probs, grid=grid, tissue=tissue, thumb=thumb,
-                        thumb_downsample=ds, cells=order, seconds=seconds)
+                        thumb_downsample=ds, cells=order, seconds=seconds,
+                        engine=engine.choice.to_dict())
 
 
 def tumour_mm2(probs: np.ndarray, grid: SlideGrid, threshold: float) -> float:
@@ -139,4 +142,5 @@ def summarise(hm: SlideHeatmap, threshold: float, slide: Slide) -> dict:
             "threshold": threshold,
             "max_prob": round(float(vals.max()), 6) if vals.size else None,
             f"top{TOP_K}_mean_prob": round(float(top.mean()), 6) if top.size else None,
-            "seconds": hm.seconds, "tiles_per_s": round(hm.tiles / n, 1)}
+            "seconds": hm.seconds, "tiles_per_s": round(hm.tiles / n, 1),
+            "engine": hm.engine}
