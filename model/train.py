@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from model.core.cli import run_cli
+from model.evaluation.onnx_backend import ensure_export
 from model.nets.archs import DEFAULT_ARCH
+from model.runs.load import load_run
 from model.training.config import SCHEDULES, TrainConfig
+from model.training.distributed import env_dist
 from model.training.loop import resume, train
+
+# --export auto makes the run's ONNX Runtime graph after a training of at least this long: the
+# export (~15 s for lite0) then adds under an eighth, and the first large model.predict or
+# model.slide (ONNX Runtime for 20,000+ patches) does not pay it
+EXPORT_AFTER_S = 120
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -83,7 +92,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-dir", type=Path, help="default: runs/<time>-<arch>-<data>")
     o.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue an interrupted run from its last completed epoch")
+    o.add_argument("--export", choices=["auto", "onnx", "none"], default="auto",
+                   help="write the inference graph (RUN/engine/*.onnx, for --backend onnx) "
+                        f"after training: auto = when training took {EXPORT_AFTER_S} s or more")
     return p
+
+
+def export_after_training(run_dir: Path, how: str, seconds: float, log=print) -> None:
+    """The run's ONNX export (model.evaluation.onnx_backend) on rank 0, as `how` says."""
+    d = env_dist()
+    if how == "none" or (how == "auto" and seconds < EXPORT_AFTER_S) or (d and d.rank != 0):
+        return
+    path, msg = ensure_export(load_run(run_dir, lazy=True))
+    log(f"Inference graph: {msg}" if path else f"note: no ONNX export ({msg}); inference "
+        "runs in eager PyTorch.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                         *(sys.argv[1:] if argv is None else argv)])
 
     def body():
+        t0 = time.perf_counter()
         if args.resume:
-            resume(args.resume)
+            run_dir = resume(args.resume)
         else:
-            train(TrainConfig.from_args(args), command=command)
+            run_dir = train(TrainConfig.from_args(args), command=command)
+        export_after_training(run_dir, args.export, time.perf_counter() - t0)
 
     return run_cli(body, interrupted="interrupted: the last completed epoch is saved; continue "
                                "with --resume RUN_DIR")

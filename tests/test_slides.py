@@ -111,6 +111,8 @@ def test_real_svs_heatmap_shape_tissue_and_outputs(shared_data, tiny_loaded, tmp
     assert thumb[tissue].mean() < thumb[~tissue].mean() - 40  # stained is darker than glass
     ran = np.isfinite(res.probs)
     assert 500 < ran.sum() < 48 * 36 and res.summary["tiles"] == ran.sum()
+    engine = res.summary["engine"]  # what ran is recorded beside the numbers
+    assert engine["backend"] in ("eager", "onnxruntime") and engine["why"], engine
     for name in ("heatmap.npy", "heatmap.json", "overlay.png", "tissue.png", "thumbnail.png",
                  "regions.geojson", "summary.json"):
         assert (res.dir / name).is_file(), name

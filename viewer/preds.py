@@ -21,7 +21,7 @@ from model.core.errors import PcamLensError
 from model.data.open import reopen_source
 from model.evaluation.embeddings import Embeddings, embedding_map, load_embeddings
 from model.evaluation.evaluate import evaluate_run
-from model.evaluation.inference import predict_arrays, predict_probs
+from model.evaluation.inference import engine_for, predict_arrays, predict_probs
 from model.evaluation.metrics import complete_prediction_table, prediction_table
 from model.nets.gradcam import gradcam, gradcam_layers
 from model.nets.gradcam import overlay as gradcam_overlay
@@ -165,9 +165,13 @@ def predict_source(rk: RunKey, sk: SourceKey, tta: int = 1, progress=None) -> pd
         return store[(rk, sk, tta)]
     src = open_source_cached(sk)
     with MODEL_LOCK:
-        probs = predict_probs(loaded(rk), src, tta=tta, batch_size=128,
-                              progress=progress or False)
+        run = loaded(rk)
+        # the same engine choice as model.predict: ONNX Runtime for a large CPU job
+        engine = engine_for(run, len(src), tta=tta, backend="auto")
+        probs = predict_probs(run, src, tta=tta, batch_size=128, progress=progress or False,
+                              engine=engine)
     df = _finish(prediction_table(src.ids, src.labels, probs), src)
+    df.attrs["engine"] = engine.choice.to_dict()
     with _MEMO_LOCK:
         while len(store) >= 6:
             store.pop(next(iter(store)))
@@ -181,7 +185,7 @@ def compute_source_predictions(c: Context, progress=None) -> Predictions:
     restart; unlabelled data is predicted in memory."""
     if _evaluable(c):
         evaluate_run(c.run_dir, data=c.src_key.spec, checkpoint=c.run_key.checkpoint,
-                     progress=progress or False)
+                     progress=progress or False, backend="auto")
         p = evaluated_predictions(c)
         if p is not None:
             return p
@@ -231,6 +235,8 @@ def page_probs(rk: RunKey, sk: SourceKey, indices: tuple[int, ...]) -> np.ndarra
 
 
 def predict_page(rk: RunKey, x: np.ndarray, tta: int = 1) -> np.ndarray:
+    """A page of patches: eager PyTorch (a graph session per page would cost more than it
+    saves)."""
     with MODEL_LOCK:
         return np.asarray(predict_arrays(loaded(rk), x, tta), np.float64)
 

@@ -170,13 +170,15 @@ def run_inference_bench(cfg: InferenceBenchConfig) -> dict:
         probs = [_probs(o, table) for o in outs]
         rates = model_only(run, cfg.backends, cfg.data, cfg.model_n, cfg.batch_size)
     y = table["label"].to_numpy()
-    ref_i = next((k for k, r in enumerate(results) if r.engine.get("backend") == "eager"), None)
     for r, p in zip(results, probs):
         r.auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None
-        if ref_i is not None:
+    ref_i = next((k for k, r in enumerate(results) if r.engine.get("backend") == "eager"), None)
+    if ref_i is not None:
+        ref = results[ref_i]
+        for r, p in zip(results, probs):
             r.max_abs_diff_vs_eager = float(np.abs(p - probs[ref_i]).max())
-            if r.auc is not None and results[ref_i].auc is not None:
-                r.auc_diff_vs_eager = abs(r.auc - results[ref_i].auc)
+            if r.auc is not None and ref.auc is not None:
+                r.auc_diff_vs_eager = abs(r.auc - ref.auc)
     stock = [r for r in results if r.name.startswith("stock")]
     best = min(stock, key=lambda r: r.wall_s)
     return {"hardware": hardware_info("cpu"), "versions": versions(), "n": cfg.n,

@@ -25,7 +25,7 @@ import fastai.callback.progress  # noqa: E402,F401  (Learner.no_bar; the noteboo
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from fastai.data.transforms import Normalize  # noqa: E402
-from fastai.vision.augment import Resize  # noqa: E402
+from fastai.vision.augment import CropPad, Resize  # noqa: E402
 from fastai.vision.data import ImageDataLoaders  # noqa: E402
 from fastai.vision.learner import vision_learner  # noqa: E402
 
@@ -52,9 +52,11 @@ def stock_learner(run_dir: Path, files: list[Path], bs: int):
     loaded = load_run(run_dir)
     arch = loaded.config["model"]["arch"]
     mean, std = loaded.input.mean, loaded.input.std
+    crop = [CropPad(loaded.input.crop)] if loaded.input.crop < loaded.input.patch else []
     dls = ImageDataLoaders.from_lists(
         files[0].parent.parent, files[:2], ["0", "1"], valid_pct=0.5, bs=bs, num_workers=0,
-        item_tfms=Resize(loaded.input.size), batch_tfms=Normalize.from_stats(mean, std))
+        item_tfms=[*crop, Resize(loaded.input.size)],
+        batch_tfms=Normalize.from_stats(mean, std))
     learn = vision_learner(dls, arch, pretrained=False, n_out=len(loaded.classes))
     learn.model.load_state_dict(loaded.model.state_dict())  # same architecture: must fit
     learn.model.eval()

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,23 @@ class OnnxModel:
 
 def onnx_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def ensure_export(loaded) -> tuple[Path | None, str]:
+    """The run's ONNX export, made now if missing (model.train does this after a long
+    training, so that the first large prediction starts at full speed): (path, message);
+    (None, why) when it cannot be made here."""
+    if not onnx_available():
+        return None, "onnxruntime is not installed"
+    path = model_path(loaded)
+    if path.exists():
+        return path, f"{path} (exists)"
+    t0 = time.perf_counter()
+    try:
+        export(loaded, path)
+    except Exception as e:  # noqa: BLE001  (any exporter failure: inference runs eager)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return path, f"{path} ({time.perf_counter() - t0:.1f} s)"
 
 
 def onnx_model(loaded, threads: int) -> OnnxModel | None:

@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from model.data.uploads import decode_uploads
+from model.evaluation.engine import describe_engine
 from viewer import components as ui
 from viewer import frame, preds, state
 
@@ -65,7 +66,8 @@ def _source_input(c, which: str, tta: int) -> None:
         st.session_state["i_result"] = {
             "run_key": c.run_key, "what": src.describe_short(), "tta": tta, "sk": sk,
             "df": df[["id", "label", "prob", "idx"]], "pixels": None,
-            "seconds": time.perf_counter() - t0, "notes": []}
+            "seconds": time.perf_counter() - t0, "notes": [],
+            "engine": df.attrs.get("engine")}
 
 
 def _upload(c, tta: int) -> None:
@@ -114,6 +116,8 @@ def _results(res: dict) -> None:
     b.metric("Predicted tumour (p ≥ 0.5)", f"{n_pos:,}")
     d.metric("Time", f"{res['seconds']:.1f} s", f"TTA ×{res['tta']}", delta_color="off",
              delta_arrow="off")
+    if res.get("engine"):
+        st.caption(f"Engine: {describe_engine(res['engine'])}")
     st.plotly_chart(ui.histogram(df["prob"], df["label"]), key="i_hist")
     fmt = st.segmented_control("submission.csv label", ["probability", "0/1 at 0.5"],
                                default="probability", key="i_fmt") or "probability"
