@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,9 @@ from model import predict as predict_cli
 from model.core.errors import PcamLensError
 from model.data.open import open_source
 from model.evaluation import engine, onnx_backend
+from model.evaluation.embeddings import embed_run
 from model.evaluation.evaluate import evaluate_run
+from model.evaluation.features import cached_features
 from model.evaluation.inference import predict_probs
 from model.evaluation.predict import metadata_path
 from model.runs.load import load_run
@@ -71,7 +74,7 @@ def test_auto_keeps_a_small_job_eager_and_takes_onnx_for_a_large_one(run_copy, k
                                                                        monkeypatch):
     src = open_source(kaggle_sample, "train").subset(np.arange(8))
     built = []
-    monkeypatch.setattr(onnx_backend, "onnx_model", lambda loaded, t: built.append(1))
+    monkeypatch.setattr(onnx_backend, "onnx_model", lambda loaded, t, **k: built.append(1))
     predict_probs(run_copy, src, precision="fp32", progress=False, backend="auto")
     assert not built  # 8 patches: the export would cost more than it saves
     monkeypatch.setattr(engine, "AUTO_ONNX_MIN", 8)
@@ -121,3 +124,19 @@ def test_an_existing_export_runs_without_building_the_pytorch_network(run_copy,
     got = predict_probs(lazy, src, progress=False, engine=eng)
     assert not lazy.model_built  # start-up without fastai, timm or the weights
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.slow  # exports the features graph (~15 s)
+def test_embedding_features_through_onnx_runtime_match_eager_and_say_so(run_copy,
+                                                                        kaggle_sample,
+                                                                        tmp_path):
+    src = open_source(kaggle_sample, "train").subset(np.arange(200))
+    eager = cached_features(run_copy.model, run_copy.input, src, tmp_path / "eager", views=2,
+                            precision="fp32", progress=False)
+    emb = embed_run(run_copy, src, views=2, progress=False, backend="onnx")
+    assert emb.meta["engine"]["backend"] == "onnxruntime"
+    assert Path(emb.meta["engine"]["artifact"]).name.startswith("features-")
+    ort = np.memmap(next(emb.dir.parent.glob("features-*.f16")), dtype=np.float16, mode="r",
+                    shape=eager.shape)
+    np.testing.assert_allclose(np.asarray(ort, np.float32), np.asarray(eager, np.float32),
+                               rtol=2e-3, atol=2e-3)  # float16 storage of the same features

@@ -31,6 +31,7 @@ from matplotlib.path import Path as Polygon
 from model.core.atomic import atomic_open, write_json
 from model.core.errors import DataError, PcamLensError
 from model.data.base import PatchSource
+from model.evaluation.engine import build_engine
 from model.evaluation.features import cache_key, cached_features
 
 REDUCED_DIM = 64
@@ -119,8 +120,9 @@ def load_embeddings(loaded, source: PatchSource, views: int = 1) -> Embeddings |
 
 
 def embed_run(loaded, source: PatchSource, *, views: int = 1, batch_size: int = 256,
-              progress=True, log=None) -> Embeddings:
-    """Compute (or reuse) the run's embeddings of every patch of `source`."""
+              progress=True, log=None, backend: str = "auto") -> Embeddings:
+    """Compute (or reuse) the run's embeddings of every patch of `source`; the features go
+    through the inference engine (`backend`: model.evaluation.engine, part "features")."""
     if len(source) < 2:
         raise DataError(f"{source.describe_short()} has {len(source)} patch(es); an embedding "
                         "map needs at least 2.", fix="Choose a larger data source.")
@@ -130,14 +132,23 @@ def embed_run(loaded, source: PatchSource, *, views: int = 1, batch_size: int = 
     if emb is not None:
         return emb
     t0 = time.time()
+    built = []
+
+    def make_engine():  # only when features must be computed (not when cached)
+        built.append(build_engine(loaded, backend=backend, passes=len(source) * views,
+                                  part="features"))
+        return built[-1]
+
     feats = cached_features(loaded.model, loaded.input, source, d.parent, views=views,
-                            batch_size=batch_size, progress=progress, log=log)
+                            batch_size=batch_size, progress=progress, log=log,
+                            make_engine=make_engine)
     t1 = time.time()
     vectors, info = _reduce(feats)
     d.mkdir(parents=True, exist_ok=True)
     _save_npy(d / "reduced.npy", vectors)
     meta = {"key": key, "run": loaded.name, "checkpoint": loaded.checkpoint,
             "source": source.describe_short(), "n": len(source), "views": views, **info,
+            "engine": built[-1].choice.to_dict() if built else "features cached earlier",
             "seconds": {"features": round(t1 - t0, 1), "pca": round(time.time() - t1, 1)}}
     write_json(d / "meta.json", meta)
     return Embeddings(d, list(source.ids), vectors, meta)

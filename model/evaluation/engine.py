@@ -33,6 +33,7 @@ import torch
 from model.core.errors import PcamLensError
 from model.core.runtime import cpu_has_bf16
 from model.evaluation import onnx_backend
+from model.nets.archs import pooled_part
 
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKENDS = ("auto", "eager", "compile", "onnx")  # onnx: ONNX Runtime on the CPU
@@ -147,7 +148,7 @@ class _Compiled:
             return self.model(x[:n])
 
 
-def _auto(loaded, device: torch.device, amp, passes: int) -> tuple[str, str]:
+def _auto(loaded, device: torch.device, amp, passes: int, part: str) -> tuple[str, str]:
     """(backend, why) for backend='auto'."""
     if device.type != "cpu":
         return "eager", f"auto: {device.type} runs eager PyTorch"
@@ -155,7 +156,7 @@ def _auto(loaded, device: torch.device, amp, passes: int) -> tuple[str, str]:
         return "eager", "auto: bf16 autocast on this CPU runs in eager PyTorch"
     if not onnx_backend.onnx_available():
         return "eager", "auto: onnxruntime is not installed"
-    if onnx_backend.model_path(loaded).exists():
+    if onnx_backend.model_path(loaded, part).exists():
         return "onnx", "auto: the run's ONNX export exists"
     if passes >= AUTO_ONNX_MIN:
         return "onnx", f"auto: {passes:,} forward passes >= {AUTO_ONNX_MIN:,} pay for the export"
@@ -172,9 +173,12 @@ def _versions(backend: str) -> dict:
 
 
 def build_engine(loaded, *, backend: str = "eager", precision: str = "auto", device=None,
-                 passes: int = 0) -> Engine:
+                 passes: int = 0, part: str = "logits") -> Engine:
     """The engine for `loaded` (a model.runs.load.LoadedRun). `passes`: forward passes the job
-    will make (patches x TTA views), for backend='auto'."""
+    will make (patches x TTA views), for backend='auto'. `part`: "logits" (the network) or
+    "features" (body + pooling: model.nets.archs.pooled_part, for embeddings)."""
+    if part not in onnx_backend.PARTS:
+        raise PcamLensError(f"Unknown network part {part!r}.", fix="Use logits or features.")
     if backend not in BACKENDS:
         raise PcamLensError(f"Unknown inference backend {backend!r}.",
                             fix=f"Use one of: {', '.join(BACKENDS)}.")
@@ -186,7 +190,7 @@ def build_engine(loaded, *, backend: str = "eager", precision: str = "auto", dev
     _set_threads(device)
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     want, why = (backend, f"asked for {backend}") if backend != "auto" else \
-        _auto(loaded, device, amp, passes)
+        _auto(loaded, device, amp, passes, part)
 
     def choice(name, why_, amp_=amp, artifact=None):
         return EngineChoice(backend=name, requested=backend, why=why_, device=str(device),
@@ -201,12 +205,14 @@ def build_engine(loaded, *, backend: str = "eager", precision: str = "auto", dev
             why += "; ONNX Runtime runs fp32 on the CPU only"
         else:
             # the exported graph: the PyTorch network is only built if it must be exported
-            ort = onnx_backend.onnx_model(loaded, threads)
+            ort = onnx_backend.onnx_model(loaded, threads, part=part)
             if ort is not None:
                 return Engine(ort, None, device, choice("onnxruntime", why, None,
                                                         str(ort.path)))
             why += "; ONNX Runtime could not be built here"
     model, device = model_on(loaded, device)
+    if part == "features":
+        model = pooled_part(model)
     if want == "compile":
         return Engine(_Compiled(model), amp, device, choice("compile", why))
     return Engine(model, amp, device, choice("eager", why))

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ from model.core.atomic import storage_error, write_json
 from model.core.errors import DataError
 from model.data.base import PatchSource, ids_fingerprint
 from model.data.batches import iter_batches
-from model.evaluation.engine import resolve_amp
+from model.evaluation.engine import Engine, resolve_amp
+from model.nets.archs import pooled_part
 from model.nets.transforms import InputConfig, dihedral, prepare
 
 FORMAT = "pcam-lens-features"
@@ -50,7 +52,7 @@ def head_after_pool(model: nn.Sequential) -> nn.Sequential:
 
 def pooled(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """[B, F] pooled body features of a prepared input batch (what the head sees)."""
-    return model[1][:2](model[0](x))
+    return pooled_part(model)(x)
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -106,9 +108,13 @@ def feature_dim(model: nn.Sequential, input_cfg: InputConfig) -> int:
 
 def cached_features(model: nn.Sequential, input_cfg: InputConfig, source: PatchSource,
                     cache_dir: str | os.PathLike, *, views: int = 8, batch_size: int = 128,
-                    precision: str = "auto", progress=True, log=None) -> np.memmap:
+                    precision: str = "auto", progress=True, log=None,
+                    make_engine: Callable[[], Engine] | None = None) -> np.memmap:
     """[n, views, F] float16 pooled features of every patch of `source` (read-only memmap),
-    computed with `model` in eval mode, or read from / resumed in `cache_dir`."""
+    computed with `model` in eval mode, or read from / resumed in `cache_dir`.
+    `make_engine`: builds a features engine (model.evaluation.engine.build_engine with
+    part="features", e.g. ONNX Runtime) to compute them with instead of `model` in eager
+    PyTorch; called only when there is something to compute."""
     if not 1 <= views <= 8:
         raise DataError(f"views must be 1..8 dihedral views; got {views}.")
     cache_dir = Path(cache_dir)
@@ -133,7 +139,8 @@ def cached_features(model: nn.Sequential, input_cfg: InputConfig, source: PatchS
     arr = _open_data(data_path, shape, resume=done > 0)
     if done and arr.shape != shape:
         done = 0
-    _compute(model, input_cfg, source, arr, done, views, batch_size, precision, progress,
+    engine = make_engine() if make_engine is not None else None
+    _compute(model, input_cfg, source, arr, done, views, batch_size, precision, progress, engine,
              lambda rows, complete: write_json(meta_path, {
                  "key": key, "shape": list(shape), "dtype": "float16", "rows_done": rows,
                  "complete": complete, "updated": time.time()}))
@@ -142,10 +149,18 @@ def cached_features(model: nn.Sequential, input_cfg: InputConfig, source: PatchS
 
 
 def _compute(model, input_cfg: InputConfig, source: PatchSource, arr: np.memmap, start: int,
-             views: int, batch_size: int, precision: str, progress, commit) -> None:
+             views: int, batch_size: int, precision: str, progress, engine: Engine | None,
+             commit) -> None:
     n = len(source)
-    device = next(model.parameters()).device
-    amp = resolve_amp(precision, device)
+    if engine is not None:
+        device, forward, autocast = engine.device, engine.model, engine.autocast
+    else:
+        device = next(model.parameters()).device
+        amp = resolve_amp(precision, device)
+        forward = pooled_part(model)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
     was = model.training
     model.eval()
     rest = source.subset(np.arange(start, n)) if start else source
@@ -159,8 +174,8 @@ def _compute(model, input_cfg: InputConfig, source: PatchSource, arr: np.memmap,
                 for k in range(views):
                     xv = x if k == 0 else dihedral(x, k).contiguous(
                         memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        f = pooled(model, xv).float()
+                    with autocast():
+                        f = forward(xv).float()
                     arr[start + s:start + s + len(f), k] = (
                         f.clamp_(-F16_MAX, F16_MAX).cpu().numpy().astype(np.float16))
                 since += len(xb)

@@ -25,8 +25,14 @@ import torch
 
 from model.core.atomic import atomic_path, can_create_files
 from model.core.paths import cache_base, path_key
+from model.nets.archs import pooled_part
 
 NAME = "onnxruntime"
+
+
+# what part of the network a graph holds: the whole (logits) or body + pooling (the features
+# of the embedding map and the cross-validation heads)
+PARTS = {"logits": lambda model: model, "features": pooled_part}
 
 
 def _key(loaded) -> str:
@@ -37,32 +43,32 @@ def _key(loaded) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def model_path(loaded) -> Path:
+def model_path(loaded, part: str = "logits") -> Path:
     folder = Path(loaded.run_dir) / "engine"
     if not (folder.is_dir() or can_create_files(loaded.run_dir)):
         folder = cache_base() / "engine" / path_key(loaded.run_dir)
-    return folder / f"model-{_key(loaded)}.onnx"
+    return folder / f"{'model' if part == 'logits' else part}-{_key(loaded)}.onnx"
 
 
-def export(loaded, path: Path) -> None:
+def export(loaded, path: Path, part: str = "logits") -> None:
     side = loaded.input.size
     example = torch.zeros(4, 3, side, side)
     with atomic_path(path) as tmp:
-        torch.onnx.export(loaded.model, (example,), str(tmp), input_names=["x"],
-                          output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("n")},),
+        torch.onnx.export(PARTS[part](loaded.model), (example,), str(tmp), input_names=["x"],
+                          output_names=[part], dynamic_shapes=({0: torch.export.Dim("n")},),
                           dynamo=True, verbose=False, external_data=False)
 
 
 class OnnxModel:
     """Callable like the network: float [B, 3, H, W] -> logits [B, classes] (torch)."""
 
-    def __init__(self, loaded, threads: int):
+    def __init__(self, loaded, threads: int, part: str = "logits"):
         import onnxruntime as ort  # optional: only this backend needs it
 
-        path = model_path(loaded)
+        path = model_path(loaded, part)
         self.exported = not path.exists()
         if self.exported:
-            export(loaded, path)
+            export(loaded, path, part)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -98,10 +104,10 @@ def ensure_export(loaded) -> tuple[Path | None, str]:
     return path, f"{path} ({time.perf_counter() - t0:.1f} s)"
 
 
-def onnx_model(loaded, threads: int) -> OnnxModel | None:
+def onnx_model(loaded, threads: int, part: str = "logits") -> OnnxModel | None:
     """The ONNX Runtime model, or None (with a one-line note) when it cannot be built."""
     try:
-        return OnnxModel(loaded, threads)
+        return OnnxModel(loaded, threads, part)
     except Exception as e:  # noqa: BLE001  (any failure: eager PyTorch, and say so)
         print(f"note: ONNX Runtime backend unavailable ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:160] if str(e) else ''}); predicting with eager "

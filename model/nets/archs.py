@@ -90,6 +90,12 @@ def build_model(arch: str, n_out: int = 2, *, state: dict | None = None,
     return model, splitter or default_split
 
 
+def pooled_part(model: nn.Sequential) -> nn.Sequential:
+    """Body + the head's pooling and flatten (AdaptiveConcatPool2d, Flatten): prepared input
+    [B,3,H,W] -> pooled features [B, F], what the rest of the head sees. Shares the weights."""
+    return nn.Sequential(model[0], model[1][:2]).train(model.training)
+
+
 def splitter_for(arch: str):
     """The parameter-group splitter for `arch` (body layers / head) without building weights."""
     if arch_family(arch) == "torchvision":
