@@ -60,3 +60,36 @@ def test_bad_settings_are_refused(capsys):
     assert bench.main(["--quick", "--n", "0"]) == 2
     assert "--n must be at least 1" in capsys.readouterr().err
     assert bench.main(["--quick", "--memory", "a,b"]) == 2
+
+
+@pytest.mark.slow  # three processes: stock fastai, model.predict twice
+def test_inference_mode_runs_stock_and_ours_end_to_end_on_the_same_real_files(tiny_run,
+                                                                               tmp_path,
+                                                                               kaggle_sample,
+                                                                               capsys):
+    out = tmp_path / "infer.json"
+    assert bench.main(["--inference", "--quick", "--run", str(tiny_run), "--data",
+                       str(kaggle_sample), "--n", "40", "--backends", "auto,eager",
+                       "--json", str(out)]) == 0
+    report = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    names = [r["name"] for r in res["results"]]
+    assert names == ["stock, num_workers=0", "ours, default (auto), first use",
+                     "ours, --backend eager", "ours, default, export in place"]
+    assert res["best_stock"] == "stock, num_workers=0" and res["n"] == 40
+    for r in res["results"]:
+        assert r["wall_s"] > 0 and 0 <= r["auc"] <= 1, r
+        assert r["wall_s"] >= (r["predict_s"] or 0)  # the process includes its own timing
+        # the stock fastai script with the run's weights computes the run's probabilities
+        assert r["max_abs_diff_vs_eager"] < 1e-4, r
+    auto = res["results"][1]["engine"]
+    assert auto["backend"] == "eager" and "40 forward passes < 20,000" in auto["why"]
+    assert {"decode_files", "eager"} <= set(res["model_only_patches_per_s"])
+    assert "baseline = the faster stock configuration" in report and "AUC" in report
+
+
+def test_inference_mode_refuses_bad_backends_and_a_missing_run(capsys):
+    assert bench.main(["--inference", "--quick"]) == 2
+    assert "--inference needs --run RUN" in capsys.readouterr().err
+    assert bench.main(["--inference", "--quick", "--run", "nowhere", "--backends", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
