@@ -344,3 +344,13 @@ def test_slide_page_shows_a_finished_heatmap(env, runs_root, patch_files, tmp_pa
     assert "Tiles run" in [m.label for m in at.metric]
     spec = at.get("plotly_chart")[0].proto.spec
     assert "scattergl" in spec and "data:image/png;base64" in spec.replace("\\u002f", "/")
+
+
+def test_inference_page_says_which_engine_ran(env, kaggle_sample):
+    at = new_app().run()
+    goto(at, "inference")
+    at.text_input(key="i_path").set_value(str(kaggle_sample)).run()
+    [b for b in at.button if b.label.startswith("Predict 29")][0].click().run()
+    ok(at)
+    engine = [c.value for c in at.caption if c.value.startswith("Engine: ")]
+    assert engine and "29 forward passes < 20,000" in engine[0], texts(at.caption)
