@@ -148,6 +148,19 @@ class _Compiled:
             return self.model(x[:n])
 
 
+def eager_engine(module: torch.nn.Module, precision: str = "auto") -> Engine:
+    """An eager engine around a plain module (e.g. a network still in training: the
+    cross-validation's features), where it lives."""
+    p = next(module.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    amp = resolve_amp(precision, device)
+    return Engine(module, amp, device, EngineChoice(
+        backend="eager", requested="eager", why="a module in memory", device=str(device),
+        precision="bf16" if amp is not None else "fp32",
+        threads=torch.get_num_threads() if device.type == "cpu" else 0,
+        versions=_versions("eager")))
+
+
 def _auto(loaded, device: torch.device, amp, passes: int, part: str) -> tuple[str, str]:
     """(backend, why) for backend='auto'."""
     if device.type != "cpu":

@@ -35,7 +35,7 @@ from model.core.atomic import storage_error, write_json
 from model.core.errors import DataError
 from model.data.base import PatchSource, ids_fingerprint
 from model.data.batches import iter_batches
-from model.evaluation.engine import Engine, resolve_amp
+from model.evaluation.engine import Engine, eager_engine
 from model.nets.archs import pooled_part
 from model.nets.transforms import InputConfig, dihedral, prepare
 
@@ -152,15 +152,7 @@ def _compute(model, input_cfg: InputConfig, source: PatchSource, arr: np.memmap,
              views: int, batch_size: int, precision: str, progress, engine: Engine | None,
              commit) -> None:
     n = len(source)
-    if engine is not None:
-        device, forward, autocast = engine.device, engine.model, engine.autocast
-    else:
-        device = next(model.parameters()).device
-        amp = resolve_amp(precision, device)
-        forward = pooled_part(model)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    engine = engine or eager_engine(pooled_part(model), precision)
     was = model.training
     model.eval()
     rest = source.subset(np.arange(start, n)) if start else source
@@ -170,12 +162,12 @@ def _compute(model, input_cfg: InputConfig, source: PatchSource, arr: np.memmap,
     try:
         with torch.inference_mode():
             for s, xb in iter_batches(rest, batch_size, workers=0):
-                x = prepare(xb.to(device), input_cfg)
+                x = prepare(xb.to(engine.device), input_cfg)
                 for k in range(views):
                     xv = x if k == 0 else dihedral(x, k).contiguous(
                         memory_format=torch.channels_last)
-                    with autocast():
-                        f = forward(xv).float()
+                    with engine.autocast():
+                        f = engine.model(xv).float()
                     arr[start + s:start + s + len(f), k] = (
                         f.clamp_(-F16_MAX, F16_MAX).cpu().numpy().astype(np.float16))
                 since += len(xb)
