@@ -30,6 +30,7 @@ from model.benchmarks.suite import FULL_KAGGLE_N, Settings, default_data, format
 from model.core.atomic import write_json
 from model.core.cli import run_cli
 from model.core.errors import DataError
+from model.core.runtime import BACKENDS
 from model.nets.archs import DEFAULT_ARCH
 from model.oof.crossval import CVConfig
 from model.runs.load import load_run
@@ -114,7 +115,7 @@ def noise_config(args) -> NoiseConfig:
 
 def inference_config(args) -> InferenceBenchConfig:
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    bad = [b for b in backends if b not in ("auto", "eager", "compile", "onnx")]
+    bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise DataError(f"--backends {args.backends!r}: unknown {', '.join(bad) or 'empty'}.",
                         fix="Use a comma list of auto, eager, compile, onnx.")

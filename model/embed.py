@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from model.core.cli import run_cli
+from model.core.cli import add_backend_option, run_cli
 from model.core.progress import ProgressFile
 from model.data.open import open_source
 from model.evaluation.embeddings import MAP_METHODS, embed_run, embedding_map
@@ -33,9 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=1,
                    help="average the embeddings over this many TTA views (default 1)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--backend", choices=["auto", "eager", "compile", "onnx"], default="auto",
-                   help="how the features are computed (model.evaluation.engine): auto = ONNX "
-                        "Runtime for 20,000+ patch views on a CPU in fp32, else eager")
+    add_backend_option(p, "patch views")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--progress-file", type=Path, default=None,
                    help="also write progress as JSON here (for the viewer)")

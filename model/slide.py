@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from model.core.atomic import write_json
-from model.core.cli import run_cli
+from model.core.cli import add_backend_option, run_cli
 from model.core.errors import DataError
 from model.core.progress import ProgressFile
 from model.evaluation.engine import describe_engine
@@ -59,9 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--backend", choices=["auto", "eager", "compile", "onnx"], default="auto",
-                   help="how the network runs (auto: ONNX Runtime on the CPU for 20,000+ "
-                        "tiles or once the run's export exists, else eager)")
+    add_backend_option(p, "tiles")
     p.add_argument("--synthetic-size", type=int, default=DEFAULT_SIZE,
                    help=f"side of the synthetic slide in px at 10x ({DEFAULT_SIZE})")
     p.add_argument("--force", action="store_true", help="recompute even if a result exists")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from model.core.errors import PcamLensError, one_line
-from model.core.runtime import quiet_known_warnings, tune_allocator
+from model.core.runtime import AUTO_ONNX_MIN, BACKENDS, quiet_known_warnings, tune_allocator
 
 # The command-line default: the 8 flips/rotations of a patch averaged. A tissue patch has no
 # up or left, so the views are equally valid inputs; averaging them costs 8x the compute and
@@ -31,12 +31,17 @@ def add_inference_options(p) -> None:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model first: 15-30 s, then ~1.8x faster on a CPU; "
                         "for large sets (tens of thousands of patches)")
-    g.add_argument("--backend", choices=["auto", "eager", "compile", "onnx"], default="auto",
-                   help="how the network runs: auto (default: onnx for a CPU fp32 job of "
-                        "20,000+ forward passes or once the run's export exists, else eager), "
-                        "eager PyTorch, torch.compile (= --compile), or onnx: ONNX Runtime on "
-                        "the CPU, fp32, ~1.6x the network's speed (exported once per run, "
-                        "~10 s); falls back to eager with a note where it cannot run")
+    add_backend_option(g)
+
+
+def add_backend_option(p, what: str = "forward passes") -> None:
+    """--backend, as every inference tool has it (model.evaluation.engine chooses)."""
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help=f"how the network runs: auto (default: onnx for a CPU fp32 job of "
+                        f"{AUTO_ONNX_MIN:,}+ {what} or once the run's export exists, else "
+                        "eager), eager PyTorch, torch.compile (= --compile), or onnx: ONNX "
+                        "Runtime on the CPU, fp32 (exported once per run, ~15 s); falls back "
+                        "to eager with a note where it cannot run")
 
 
 def run_cli(body: Callable[[], int | None], *, interrupted: str = "interrupted") -> int:

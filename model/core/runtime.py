@@ -23,6 +23,10 @@ from model.core.errors import PcamLensError
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
+# the inference backends (model.evaluation.engine) and where `auto` takes ONNX Runtime: a CPU
+# fp32 job of at least AUTO_ONNX_MIN forward passes (about where its one-off export pays)
+BACKENDS = ("auto", "eager", "compile", "onnx")
+AUTO_ONNX_MIN = 20_000
 MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GB come from (and go back to) the heap
 TRIM_THRESHOLD = 2 << 30  # give memory back to the system only above 2 GB of free heap top
 _done: bool | None = None

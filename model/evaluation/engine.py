@@ -31,15 +31,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from model.core.errors import PcamLensError
-from model.core.runtime import cpu_has_bf16
+from model.core.runtime import AUTO_ONNX_MIN, BACKENDS, cpu_has_bf16
 from model.evaluation import onnx_backend
-from model.nets.archs import pooled_part
+from model.nets.archs import module_device, pooled_part
 
 PRECISIONS = ("auto", "fp32", "bf16")
-BACKENDS = ("auto", "eager", "compile", "onnx")  # onnx: ONNX Runtime on the CPU
-# auto takes ONNX Runtime for a CPU fp32 job of at least this many forward passes (its one-off
-# export, ~10 s, then pays: 1.6x the network's speed), or when the run's export exists
-AUTO_ONNX_MIN = 20_000
 
 
 @dataclass(frozen=True)
@@ -151,8 +147,7 @@ class _Compiled:
 def eager_engine(module: torch.nn.Module, precision: str = "auto") -> Engine:
     """An eager engine around a plain module (e.g. a network still in training: the
     cross-validation's features), where it lives."""
-    p = next(module.parameters(), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = module_device(module)
     amp = resolve_amp(precision, device)
     return Engine(module, amp, device, EngineChoice(
         backend="eager", requested="eager", why="a module in memory", device=str(device),

@@ -37,7 +37,7 @@ from model.data.base import PatchSource, ids_fingerprint
 from model.data.batches import iter_batches
 from model.evaluation.engine import Engine, eager_engine
 from model.nets.archs import pooled_part
-from model.nets.transforms import InputConfig, dihedral, prepare
+from model.nets.transforms import InputConfig, batch_views, prepare
 
 FORMAT = "pcam-lens-features"
 FORMAT_VERSION = 1
@@ -163,9 +163,7 @@ def _compute(model, input_cfg: InputConfig, source: PatchSource, arr: np.memmap,
         with torch.inference_mode():
             for s, xb in iter_batches(rest, batch_size, workers=0):
                 x = prepare(xb.to(engine.device), input_cfg)
-                for k in range(views):
-                    xv = x if k == 0 else dihedral(x, k).contiguous(
-                        memory_format=torch.channels_last)
+                for k, xv in enumerate(batch_views(x, views)):
                     with engine.autocast():
                         f = engine.model(xv).float()
                     arr[start + s:start + s + len(f), k] = (

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from model.core.errors import DataError, PcamLensError, one_line
 from model.data.batches import iter_batches
 from model.evaluation.engine import Engine, build_engine
-from model.nets.transforms import as_patch_array, dihedral, prepare
+from model.nets.transforms import as_patch_array, batch_views, prepare
 
 Progress = bool | Callable[[int, int], None]
 
@@ -88,8 +88,7 @@ def _view_probs_of_batch(engine: Engine, x_uint8: torch.Tensor, loaded, views: i
     """float32 [B, views] P(class 1) of one uint8 [B,H,W,3] batch, one column per TTA view."""
     x = prepare(x_uint8.to(engine.device, non_blocking=True), loaded.input)
     cols = []
-    for k in range(views):
-        xv = x if k == 0 else dihedral(x, k).contiguous(memory_format=torch.channels_last)
+    for xv in batch_views(x, views):
         with engine.autocast():
             logits = engine.model(xv)
         cols.append(torch.softmax(logits.float(), dim=1)[:, 1])

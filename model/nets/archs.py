@@ -90,6 +90,12 @@ def build_model(arch: str, n_out: int = 2, *, state: dict | None = None,
     return model, splitter or default_split
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters are (the CPU for a module without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def stock_arch(arch: str):
     """What a fastai notebook passes to `vision_learner` for `arch`: the torchvision function,
     or the timm name (the benchmarks' stock path builds the same network as ours)."""

@@ -115,6 +115,13 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
 
 
+def batch_views(x: torch.Tensor, views: int):
+    """The first `views` dihedral views of a prepared batch [B,C,H,W] (k = 0 is the batch
+    itself), each in channels_last: the TTA views inference and features run."""
+    for k in range(views):
+        yield x if k == 0 else dihedral(x, k).contiguous(memory_format=torch.channels_last)
+
+
 def dihedral_views(rgb: np.ndarray, views: int = 8) -> list[np.ndarray]:
     """The first `views` dihedral views of one HWC patch, in the order of `dihedral` (what the
     TTA views of model.evaluation.inference see), for showing them."""

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from model.core.errors import RunError
-from model.nets.archs import HeadConfig, build_model
+from model.nets.archs import HeadConfig, build_model, module_device
 from model.nets.transforms import InputConfig
 from model.runs.format import read_config, read_safetensors
 
@@ -51,7 +51,7 @@ class LoadedRun:
     @property
     def device(self) -> torch.device:
         """Where the model is (or will be built), without building it."""
-        return _device_of(self._model) if self._model is not None else self._device
+        return module_device(self._model) if self._model is not None else self._device
 
     def __repr__(self) -> str:
         return f"LoadedRun({self.run_dir}, {self.checkpoint})"
@@ -63,11 +63,6 @@ class LoadedRun:
     @property
     def synthetic(self) -> bool:
         return bool(self.config.get("data", {}).get("synthetic"))
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def weights_path(run_dir: Path, checkpoint: str = "best") -> Path:
